@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch lies on this machine's disk: install it first, pinned, so that no
 	# dependency can pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test,he]'
+	$(PIP) install --quiet -e '.[test,he,federated]'
 	touch $@
 
 setup: $(VENV)/.installed system-deps

@@ -123,9 +123,18 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
     _unit_interval("--delta", delta, closed_right=False)
     names = accountant_names() if accountant == "all" else [accountant]
     reduction = segments_from_events(events, relation or "add_remove")  # type: ignore[arg-type]
-    results = [get_accountant(n).epsilon(reduction, delta) for n in names]
+    results, unavailable = [], []
+    for n in names:
+        try:
+            results.append(get_accountant(n).epsilon(reduction, delta))
+        except ValueError as exc:  # e.g. PRV's mesh for huge ε; with --accountant all the others still answer
+            if len(names) == 1:
+                raise
+            unavailable.append({"accountant": n, "reason": str(exc)})
     if as_json:
         out: dict[str, Any] = {"delta": delta, "results": [r.to_json() for r in results]}
+        if unavailable:
+            out["unavailable"] = unavailable
         if claims:
             out["claims"] = claims
         emit_json(out)
@@ -141,6 +150,8 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
                       _format_eps(r.epsilon_upper))
     console = Console()
     console.print(table)
+    for u in unavailable:
+        console.print(f"{u['accountant']}: unavailable ({u['reason']})")
     for r in results:
         if not r.has_guarantee:
             console.print(f"[bold]no formal guarantee[/bold] ({r.accountant}): {r.reason}")
@@ -301,6 +312,16 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
                f"ε at δ = {privacy['delta']:g}: {eps_text}")
     if privacy.get("guarantee") == "none":
         click.echo(f"no formal guarantee: {privacy.get('reason')}")
+    md = privacy.get("metric_dp") or {}
+    if md.get("eta") is not None:
+        click.echo(f"metric DP ({md.get('guarantee')}): η = {md['eta']:.4g} per unit distance; ε = "
+                   f"{md.get('epsilon_at_median_nn', math.nan):.4g} between tokens at the median nearest-neighbour "
+                   f"distance {md.get('median_nn_distance', math.nan):.4g}")
+    if privacy.get("against_worker"):
+        click.echo(f"against the worker: {privacy['against_worker'].get('statement')}")
+    if privacy.get("released_model"):
+        rm = privacy["released_model"]
+        click.echo(f"released model: {rm.get('guarantee')} ({rm.get('reason')})")
     heldout = result.metrics.get("heldout", {})
     click.echo("held-out utility: " + ", ".join(f"{k} {v:.4g}" for k, v in heldout.items()))
 
@@ -404,6 +425,9 @@ def _float_list(name: str, text: str | None) -> list[float]:
               help="Sweep directory (runs/<point>/, sweep.json, report.pdf). Re-running resumes.")
 @click.option("--noise-multipliers", default=None, help="Comma-separated σ values (0 = non-private).")
 @click.option("--target-epsilons", default=None, help="Comma-separated target ε values.")
+@click.option("--set", "set_axes", multiple=True, metavar="PATH=V1,V2,...",
+              help="Another axis: a dotted config path and its values, e.g. lora.rank=4,8,16 "
+                   "(P1+P2=a1+a2,b1+b2 links paths). Repeatable; combines as a grid with the noise axis.")
 @click.option("--no-audit", is_flag=True, help="Train and account only.")
 @click.option("--attacks", default=None, help="Comma-separated attacks for the audits.")
 @click.option("--reference-models", type=int, default=0, show_default=True,
@@ -411,17 +435,19 @@ def _float_list(name: str, text: str | None) -> list[float]:
 @click.option("--quiet", is_flag=True, help="No progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (sweep.json).")
 def sweep(config_path: Path, out_dir: Path, noise_multipliers: str | None, target_epsilons: str | None,
-          no_audit: bool, attacks: str | None, reference_models: int, quiet: bool, as_json: bool) -> None:
-    """Train, account and audit a config at several privacy levels, then render the report."""
-    from privaudit.sweep import load_sweep_config, make_points, run_sweep
+          set_axes: tuple[str, ...], no_audit: bool, attacks: str | None, reference_models: int, quiet: bool,
+          as_json: bool) -> None:
+    """Train, account and audit a config at several privacy levels (and --set axes), then report."""
+    from privaudit.sweep import load_sweep_spec, make_points, parse_set, run_sweep
 
-    base, points = load_sweep_config(config_path)
+    base, spec = load_sweep_spec(config_path)
     sigmas = _float_list("--noise-multipliers", noise_multipliers)
     targets = _float_list("--target-epsilons", target_epsilons)
-    if sigmas or targets:
-        points = make_points(sigmas, targets)
-    if not points:
-        fail_input("sweep: give --noise-multipliers/--target-epsilons or a sweep: block in the config")
+    privacy = make_points(sigmas, targets) if (sigmas or targets) else []
+    spec = spec.override(privacy, [parse_set(t) for t in set_axes])
+    if not spec.privacy and not spec.axes:
+        fail_input("sweep: give --noise-multipliers/--target-epsilons/--set or a sweep: block in the config")
+    points = spec.points()
     names = None if attacks is None else [a.strip() for a in attacks.split(",")]
     say = None if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
     res = run_sweep(base, points, out_dir, audit=not no_audit, attacks=names,
@@ -454,17 +480,41 @@ def _print_sweep(res: Any, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Study directory to write (study.json, figures, PDF).")
+@click.option("--quiet", is_flag=True, help="No progress.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the study's summary).")
+def study(config_path: Path, out_dir: Path, quiet: bool, as_json: bool) -> None:
+    """Run a mechanism's study file (e.g. examples/privtune_study.yaml), dispatched on its mechanism."""
+    from privaudit.studies import run_study_file
+
+    say = None if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
+    res = run_study_file(config_path, out_dir, progress=say)
+    summary = res.get("summary") if isinstance(res, dict) else getattr(res, "summary", None)
+    if as_json:
+        emit_json({"out_dir": str(out_dir), "summary": summary if isinstance(summary, dict) else None})
+        return
+    click.echo(f"study written to {out_dir}")
+    if isinstance(summary, dict):
+        click.echo(json.dumps(summary, indent=1, default=str))
+
+
+@cli.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("demo_out"),
               show_default=True, help="Output directory (re-running resumes).")
 @click.option("--quick", is_flag=True, help="A smaller version (CI).")
 @click.option("--quiet", is_flag=True, help="No progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def demo(out_dir: Path, quick: bool, quiet: bool, as_json: bool) -> None:
+@click.option("--seed", type=int, default=None,
+              help="Seed the DP noise and sampling (reproducible runs, e.g. CI). Default: OS entropy, "
+                   "as a real private run must use.")
+def demo(out_dir: Path, quick: bool, quiet: bool, as_json: bool, seed: int | None) -> None:
     """The whole pipeline on bundled data: corpus, DP-LoRA sweep, audits, PDF report."""
     from privaudit.demo import run_demo
 
     say = None if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
-    res = run_demo(out_dir, quick=quick, quiet=quiet or as_json, log=say)
+    res = run_demo(out_dir, quick=quick, quiet=quiet or as_json, log=say, noise_seed=seed)
     _print_sweep(res, as_json)
 
 

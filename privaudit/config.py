@@ -17,7 +17,7 @@ import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -210,6 +210,21 @@ def _field_error(exc: ValidationError) -> str:
     return format_validation_error(exc)
 
 
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+def parse_options(settings: type[OptionsT], options: Mapping[str, Any] | None) -> OptionsT:
+    """A mechanism's ``options`` block validated as its ``settings`` model; a ``ValueError`` starting
+    ``options.<field>:`` (or ``options:`` when no field is to blame) otherwise."""
+    try:
+        return settings.model_validate(dict(options or {}))
+    except ValidationError as exc:
+        text = _field_error(exc)
+        head = text.partition(": ")[0]
+        named = bool(exc.errors()[0].get("loc")) or head.isidentifier()
+        raise ValueError(f"options.{text}" if named else f"options: {text}") from None
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) run config."""
     p = Path(path)
@@ -349,6 +364,9 @@ def planned_events(cfg: RunConfig) -> PlannedEvents:
 
     data = prepare_data(cfg)
     mech = get_mechanism(cfg.mechanism)
-    plan = resolve_plan(cfg, len(data.train))
-    return PlannedEvents(mech.planned_events(cfg, plan), cfg.privacy.neighbouring, cfg.privacy.delta,
-                         claims_of(cfg), plan)
+    plan_fn = getattr(mech, "resolve_plan", None)  # a mechanism may resolve its own plan (dp_fedlora)
+    plan = plan_fn(cfg, data.train) if plan_fn is not None else resolve_plan(cfg, len(data.train))
+    events = mech.planned_events(cfg, plan)
+    claims = claims_of(cfg) + [e for e in events if isinstance(e, ClaimEvent)]  # claims a mechanism records
+    return PlannedEvents([e for e in events if not isinstance(e, ClaimEvent)], cfg.privacy.neighbouring,
+                         cfg.privacy.delta, claims, plan)

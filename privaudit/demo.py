@@ -20,7 +20,8 @@ DEMO_TARGET_EPSILONS: tuple[float, ...] = (1.0, 4.0, 16.0)
 DEMO_CONFIG: dict[str, Any] = {
     "mechanism": "dp_lora",
     "task": "classification",
-    "model": {"name": "all-MiniLM-L6-v2", "max_length": 40},
+    # 64 tokens keep the sentiment cue of ~99% of the records (many records end with it)
+    "model": {"name": "all-MiniLM-L6-v2", "max_length": 64},
     "lora": {
         "rank": 2,
         "alpha": 4,
@@ -31,16 +32,18 @@ DEMO_CONFIG: dict[str, Any] = {
         "source": "synthetic",
         "synthetic": {"n_people": 400, "records_per_person": 3, "n_canaries": 64, "canary_inclusion": 0.5,
                       "seed": 0},
-        "heldout_fraction": 0.2,
-        "max_heldout": 300,
+        "heldout_fraction": 0.3,
+        "max_heldout": 400,  # ~360 held-out records: an accuracy's standard error is <= 0.027
     },
     "training": {
         "sampling": "poisson",
         "batch_size": 64,
         "epochs": 3,
         "physical_batch_size": 64,
-        "optimizer": "sgd",
-        "learning_rate": 2.0,
+        # Adam at 0.05: with ~40 noisy steps SGD (any lr 0.5-2) and Adam at <= 0.01 often stay at a
+        # constant prediction; measured: accuracy rises clearly from ε = 1 to ε = 16 to non-private
+        "optimizer": "adam",
+        "learning_rate": 0.05,
         "checkpoint_every": 20,
         "seed": 0,
     },
@@ -49,17 +52,21 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 QUICK_OVERRIDES: dict[str, Any] = {
-    "model": {"max_length": 32},
-    "data": {"synthetic": {"n_people": 150, "n_canaries": 32}, "max_heldout": 100},
-    "training": {"batch_size": 32, "physical_batch_size": 32, "epochs": 2},
+    "model": {"max_length": 48},  # keeps the cue of ~75% of the records; 1.4x cheaper than 64
+    "data": {"synthetic": {"n_people": 300, "n_canaries": 32}, "heldout_fraction": 0.4, "max_heldout": 400},
+    "training": {"epochs": 4},  # 35 steps: with 3 epochs (27 steps) ε = 16 sometimes stayed near chance
     "audit": {"gradient_canaries": 1000},
 }
 
 
-def demo_config(quick: bool = False) -> dict[str, Any]:
+def demo_config(quick: bool = False, noise_seed: int | None = None) -> dict[str, Any]:
+    """The demo's run config (``quick``: the CI version). ``noise_seed`` seeds the DP noise and
+    sampling for a reproducible demo; None keeps OS entropy."""
     cfg = json.loads(json.dumps(DEMO_CONFIG))
     if quick:
         _merge(cfg, QUICK_OVERRIDES)
+    if noise_seed is not None:
+        cfg["privacy"]["noise_seed"] = int(noise_seed)
     return cfg
 
 
@@ -71,11 +78,13 @@ def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
             dst[k] = v
 
 
-def run_demo(out_dir: str | Path, *, quick: bool = False, quiet: bool = False, log=None) -> SweepResult:
-    """Run the demo into ``out_dir`` (resumable: completed points are kept)."""
+def run_demo(out_dir: str | Path, *, quick: bool = False, quiet: bool = False, log=None,
+             noise_seed: int | None = None) -> SweepResult:
+    """Run the demo into ``out_dir`` (resumable: completed points are kept). ``noise_seed``: see
+    :func:`demo_config`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(quick)
+    cfg = demo_config(quick, noise_seed)
     (out / "demo_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     points = make_points(noise_multipliers=[0.0], target_epsilons=DEMO_TARGET_EPSILONS)
     return run_sweep(cfg, points, out, audit=True, quiet=quiet, log=log)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +32,7 @@ from typing import Any, Callable
 from privaudit.audit.events import GaussianEvent, PlaintextEvent
 from privaudit.audit.ledger import Ledger
 from privaudit.config import RunConfig, claims_of, config_to_dict, parse_config, resolve_plan
+from privaudit.durable import write_atomic
 
 MANIFEST = "manifest.json"
 LEDGER = "ledger.jsonl"
@@ -78,15 +78,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False).encode("utf-8")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False).encode("utf-8"))
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -109,15 +101,42 @@ def epsilon_section(ledger: Ledger, delta: float) -> dict[str, Any]:
 
     eps: dict[str, float | None] = {}
     reason = None
+    unavailable: dict[str, str] = {}
     for name in ACCOUNTANTS:
-        res = compute_epsilon(ledger, delta, name)
+        try:
+            res = compute_epsilon(ledger, delta, name)
+        except (ValueError, OverflowError) as exc:  # an accountant that cannot answer (PRV mesh, PLD overflow at huge ε)
+            eps[name] = None
+            unavailable[name] = str(exc)
+            continue
         eps[name] = float(res.epsilon) if math.isfinite(res.epsilon) else None
         reason = reason or res.reason
     out: dict[str, Any] = {"epsilon": eps}
+    if unavailable:
+        out["unavailable"] = unavailable
     if reason:
         out["guarantee"] = "none"
         out["reason"] = reason
     return out
+
+
+def _header_extra(mech: Any, cfg: RunConfig) -> dict[str, Any]:
+    """The mechanism's extra ledger-header fields (hook ``ledger_header_extra``), or none."""
+    hook = getattr(mech, "ledger_header_extra", None)
+    return dict(hook(cfg)) if hook is not None else {}
+
+
+def privacy_of(mech: Any, ledger: Ledger, plan: Any, cfg: RunConfig, metrics: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """The manifest's accounting: the mechanism's ``privacy_section`` hook where it has one (given
+    ``metrics`` if it takes them), else :func:`epsilon_section` of the ledger at the plan's δ."""
+    import inspect
+
+    hook = getattr(mech, "privacy_section", None)
+    if hook is None:
+        return epsilon_section(ledger, plan.delta)
+    kwargs = {"metrics": metrics or {}} if "metrics" in inspect.signature(hook).parameters else {}
+    return dict(hook(ledger, plan, cfg, **kwargs))
 
 
 def utility_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -184,8 +203,12 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
         manifest = {}
 
     mech = get_mechanism(cfg.mechanism)
+    if resume and getattr(mech, "RESUMABLE", True) is False:
+        raise ValueError(f"resume: {cfg.mechanism} runs cannot be resumed (their state is not checkpointed); "
+                         "start a new run in an empty directory")
     data = prepare_data(cfg)
-    plan = resolve_plan(cfg, len(data.train))
+    plan_fn = getattr(mech, "resolve_plan", None)  # a mechanism may resolve its own plan (dp_fedlora)
+    plan = plan_fn(cfg, data.train) if plan_fn is not None else resolve_plan(cfg, len(data.train))
     if resume:
         if manifest.get("data", {}).get("train_fingerprint") != data.fingerprint:
             raise ValueError("data: the training set differs from the interrupted run's (fingerprint mismatch)")
@@ -211,10 +234,13 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
             "resumes": [],
         }
         _write_json_atomic(manifest_path, manifest)
+        header_extra = _header_extra(mech, cfg)  # may set the privacy unit (e.g. client level)
         ledger = Ledger.create(rd / LEDGER, mechanism=cfg.mechanism, base_model=cfg.model.name,
                                dataset_fingerprint=data.fingerprint, dataset_size=len(data.train),
-                               privacy_unit=cfg.privacy.privacy_unit, neighbouring=cfg.privacy.neighbouring,
-                               target_delta=cfg.privacy.delta, observer=mech.OBSERVER, claims=claims_of(cfg))
+                               privacy_unit=header_extra.pop("privacy_unit", cfg.privacy.privacy_unit),
+                               neighbouring=cfg.privacy.neighbouring,
+                               target_delta=cfg.privacy.delta, observer=mech.OBSERVER, claims=claims_of(cfg),
+                               **header_extra)
     bar: _RichProgress | None = None
     callback: Callable[[int, int, dict[str, Any]], None] | None
     if progress is True:
@@ -239,6 +265,11 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
         save_file(released if released is not None else trainable_state_dict(result.model, include_lora=True),
                   str(rd / ADAPTER))
         save_file({k: v.contiguous() for k, v in result.theta_0.items()}, str(rd / ADAPTER_INIT))
+        for fname, content in (getattr(result, "run_files", None) or {}).items():  # e.g. the server's view
+            if fname.endswith(".safetensors"):
+                save_file({k: v.contiguous() for k, v in content.items()}, str(rd / fname))
+            else:
+                _write_json_atomic(rd / fname, content)
         key = data.audit_key()
         key["run_id"] = ledger.header.run_id
         key["gradient_canaries"] = None if result.gradient_canaries is None else result.gradient_canaries.to_json()
@@ -250,7 +281,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
             "sampling": plan.sampling, "batch_size": plan.batch_size, "clip_norm": plan.clip_norm,
             "delta": plan.delta, "neighbouring": plan.neighbouring, "privacy_unit": cfg.privacy.privacy_unit,
             "target_epsilon": cfg.privacy.target_epsilon, "ledger_releases": ledger_releases(ledger),
-            **epsilon_section(ledger, plan.delta),
+            **privacy_of(mech, ledger, plan, cfg, result.metrics),
         }
         manifest["ledger_head_hash"] = ledger.head_hash
         manifest["run_id"] = ledger.header.run_id
@@ -313,8 +344,14 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     if not adapter_path.exists():
         raise ValueError(f"run_dir: {rd} has no {ADAPTER}")
     num_labels = max(2, len(manifest.get("data", {}).get("label_names", [])))
-    model, tok = build_model(cfg, num_labels, resolve_device(device or cfg.model.device))
-    load_trainable_state_dict(model, load_file(str(adapter_path)))
+    from privaudit.mechanisms import get_mechanism
+
+    loader = getattr(get_mechanism(cfg.mechanism), "load_released_model", None)  # e.g. a side network
+    if loader is not None:
+        model, tok = loader(cfg, num_labels, resolve_device(device or cfg.model.device), load_file(str(adapter_path)))
+    else:
+        model, tok = build_model(cfg, num_labels, resolve_device(device or cfg.model.device))
+        load_trainable_state_dict(model, load_file(str(adapter_path)))
     model.eval()
     key_path = rd / AUDIT_KEY
     audit_key = _read_json(key_path, "audit_key") if key_path.exists() else None

@@ -10,12 +10,21 @@ The points come from flags or from a ``sweep:`` block in the config file::
     sweep:
       noise_multipliers: [0, 0.8, 1.5]
       target_epsilons: [1, 4, 16]
+      set:                                   # other axes: dotted config paths -> values
+        lora.rank+lora.alpha: [[4, 8], [8, 16], [16, 32]]   # '+' links paths (values zipped)
+        options.a_secret: [false, true]
+
+Axes (``--set lora.rank=4,8,16`` on the command line; ``--set lora.rank+lora.alpha=4+8,8+16``
+links paths) combine as a grid with each other and with the privacy levels; without privacy levels
+the config's own privacy section is kept. A point's run directory is named by its axis values
+(``rank_4-alpha_8-a_secret_false-non_private``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -29,15 +38,21 @@ SweepProgress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One privacy level of a sweep: exactly one of ``noise_multiplier`` and ``target_epsilon``."""
+    """One point of a sweep: a privacy level (at most one of ``noise_multiplier`` and
+    ``target_epsilon``; neither = the base config's own) and ``settings``, (dotted path, value) pairs."""
 
     name: str
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
 
     def apply(self, base: Mapping[str, Any]) -> dict[str, Any]:
-        """The base config (a mapping) with this point's privacy level."""
+        """The base config (a mapping) with this point's settings and privacy level."""
         cfg = json.loads(json.dumps(base))
+        for path, value in self.settings:
+            _set_path(cfg, path, value)
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            return cfg
         privacy = dict(cfg.get("privacy", {}))
         privacy.pop("noise_multiplier", None)
         privacy.pop("target_epsilon", None)
@@ -55,6 +70,135 @@ class SweepResult:
     run_dirs: tuple[Path, ...]
     report: Path | None
     points: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+
+#: Paths that the privacy axis owns (``--noise-multipliers`` / ``--target-epsilons``).
+_PRIVACY_PATHS = ("privacy.noise_multiplier", "privacy.target_epsilon")
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    """One grid axis: the dotted config ``paths`` are set together to each entry of ``values`` (one
+    tuple per point, zipped with ``paths``)."""
+
+    paths: tuple[str, ...]
+    values: tuple[tuple[Any, ...], ...]
+
+    @property
+    def key(self) -> str:
+        return "+".join(self.paths)
+
+
+def _check_path(path: str) -> str:
+    parts = path.split(".")
+    if not path or not all(p.isidentifier() for p in parts):
+        raise ValueError(f"set: {path!r} is not a dotted config path (like lora.rank)")
+    if path in _PRIVACY_PATHS:
+        raise ValueError(f"set: {path} is the privacy axis (use noise_multipliers / target_epsilons)")
+    return path
+
+
+def make_axis(key: str, values: Sequence[Any]) -> SweepAxis:
+    """An axis from a key (``lora.rank``, or linked paths ``lora.rank+lora.alpha``) and its values (for
+    linked paths each value is a list with one entry per path). ``ValueError`` starting ``set``."""
+    paths = tuple(_check_path(p.strip()) for p in str(key).split("+"))
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"set: {key!r} repeats a path")
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"set.{key}: give a non-empty list of values")
+    rows: list[tuple[Any, ...]] = []
+    for v in values:
+        row = tuple(v) if len(paths) > 1 and isinstance(v, (list, tuple)) else (v,)
+        if len(row) != len(paths):
+            raise ValueError(f"set.{key}: each value needs {len(paths)} entries (one per linked path), "
+                             f"got {v!r}")
+        rows.append(row)
+    if len({json.dumps(r, sort_keys=True) for r in rows}) != len(rows):
+        raise ValueError(f"set.{key}: duplicate values")
+    return SweepAxis(paths, tuple(rows))
+
+
+def parse_set(text: str) -> SweepAxis:
+    """``PATH=v1,v2,...`` or ``P1+P2=a1+a2,b1+b2`` (linked paths); each value is read as YAML
+    (``4`` an int, ``0.5`` a float, ``true`` a bool, else a string)."""
+    key, sep, vals = str(text).partition("=")
+    if not sep or not key.strip() or not vals.strip():
+        raise ValueError(f"set: expected PATH=v1,v2,... (e.g. lora.rank=4,8,16), got {text!r}")
+    n = len(key.split("+"))
+    items = [v.strip() for v in vals.split(",")]
+    if any(not v for v in items):
+        raise ValueError(f"set.{key.strip()}: empty value in {vals!r}")
+    values: list[Any] = []
+    for item in items:
+        parts = [_yaml_scalar(x.strip()) for x in item.split("+")] if n > 1 else [_yaml_scalar(item)]
+        values.append(parts if n > 1 else parts[0])
+    return make_axis(key.strip(), values)
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(v, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", v):
+        return float(v)  # YAML 1.1 reads 1e-3 as a string
+    return v if isinstance(v, (int, float, bool, str)) or v is None else text
+
+
+def _set_path(cfg: dict[str, Any], path: str, value: Any) -> None:
+    node: Any = cfg
+    parts = path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"set: {'.'.join(parts[:i + 1])} is not a section, cannot set {path}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _value_name(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        text = str(v).lower()
+    elif isinstance(v, float):
+        text = f"{v:g}"
+    else:
+        text = str(v)
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or "x"
+
+
+def make_grid(axes: Sequence[SweepAxis] = (), privacy: Sequence[SweepPoint] = ()) -> list[SweepPoint]:
+    """Every combination of the axes' values (first axis outermost) and the privacy levels (innermost;
+    none = the base config's). Points are named by their values, e.g. ``rank_4-a_secret_true-eps_4``."""
+    if not axes:
+        if not privacy:
+            raise ValueError("sweep: no points (give noise multipliers, target epsilons or set axes)")
+        return list(privacy)
+    keys = [ax.key for ax in axes]
+    if len(set(keys)) != len(keys):
+        raise ValueError("set: an axis is given twice")
+    paths = [p for ax in axes for p in ax.paths]
+    if len(set(paths)) != len(paths):
+        raise ValueError("set: a path is on two axes")
+    leaves = [p.rsplit(".", 1)[-1] for p in paths]
+    label = {p: (leaf if leaves.count(leaf) == 1 else p.replace(".", "_")) for p, leaf in zip(paths, leaves)}
+    combos: list[tuple[tuple[str, Any], ...]] = [()]
+    for ax in axes:
+        combos = [c + tuple(zip(ax.paths, row)) for c in combos for row in ax.values]
+    out: list[SweepPoint] = []
+    for combo in combos:
+        stem = "-".join(f"{label[p]}_{_value_name(v)}" for p, v in combo)
+        for pp in (privacy or [None]):
+            if pp is None:
+                out.append(SweepPoint(name=stem, settings=combo))
+            else:
+                out.append(SweepPoint(name=f"{stem}-{pp.name}", noise_multiplier=pp.noise_multiplier,
+                                      target_epsilon=pp.target_epsilon, settings=combo))
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise ValueError("sweep: two points get the same name (values differing only in punctuation)")
+    return out
 
 
 def make_points(noise_multipliers: Sequence[float] = (), target_epsilons: Sequence[float] = ()) -> list[SweepPoint]:
@@ -77,23 +221,61 @@ def make_points(noise_multipliers: Sequence[float] = (), target_epsilons: Sequen
     return points
 
 
-def load_sweep_config(path: str | Path) -> tuple[dict[str, Any], list[SweepPoint] | None]:
-    """Read a config file that may carry a ``sweep:`` block: (base config mapping, points or None)."""
+@dataclass(frozen=True)
+class SweepSpec:
+    """A config file's ``sweep:`` block: privacy levels and other axes (either may be empty)."""
+
+    privacy: tuple[SweepPoint, ...] = ()
+    axes: tuple[SweepAxis, ...] = ()
+
+    def points(self) -> list[SweepPoint]:
+        return make_grid(self.axes, self.privacy)
+
+    def override(self, privacy: Sequence[SweepPoint] = (), axes: Sequence[SweepAxis] = ()) -> "SweepSpec":
+        """Command-line flags over the block: privacy levels replace the block's; an axis replaces the
+        block's axis with the same key, new keys are added after the block's."""
+        given = {ax.key: ax for ax in axes}
+        merged = [given.pop(ax.key, ax) for ax in self.axes] + list(given.values())
+        return SweepSpec(tuple(privacy) or self.privacy, tuple(merged))
+
+
+def load_sweep_spec(path: str | Path) -> tuple[dict[str, Any], SweepSpec]:
+    """Read a config file that may carry a ``sweep:`` block: (base config mapping, its spec)."""
     from privaudit.config import load_config
 
     p = Path(path)
-    cfg = load_config(p)  # validates everything but the sweep block, and resolves data paths
-    raw = _read_mapping(p)
+    try:
+        raw = _read_mapping(p) if p.is_file() else {}
+    except Exception:  # unreadable or invalid: load_config says why, in its words
+        raw = {}
     block = raw.get("sweep")
+    if block is not None:  # validates everything but the sweep block, and resolves data paths
+        cfg = parse_config({k: v for k, v in raw.items() if k != "sweep"}, base_dir=p.parent)
+    else:
+        cfg = load_config(p)
     base = json.loads(cfg.model_dump_json())
     if block is None:
-        return base, None
+        return base, SweepSpec()
     if not isinstance(block, dict):
-        raise ValueError("sweep: must be a mapping with noise_multipliers and/or target_epsilons")
-    unknown = set(block) - {"noise_multipliers", "target_epsilons"}
+        raise ValueError("sweep: must be a mapping with noise_multipliers, target_epsilons and/or set")
+    unknown = set(block) - {"noise_multipliers", "target_epsilons", "set"}
     if unknown:
-        raise ValueError(f"sweep.{sorted(unknown)[0]}: unknown key (use noise_multipliers, target_epsilons)")
-    return base, make_points(block.get("noise_multipliers") or (), block.get("target_epsilons") or ())
+        raise ValueError(f"sweep.{sorted(unknown)[0]}: unknown key (use noise_multipliers, target_epsilons, set)")
+    sigmas, targets = block.get("noise_multipliers") or (), block.get("target_epsilons") or ()
+    privacy = make_points(sigmas, targets) if (sigmas or targets) else []
+    sets = block.get("set") or {}
+    if not isinstance(sets, dict):
+        raise ValueError("sweep.set: must be a mapping of dotted config paths to lists of values")
+    axes = [make_axis(k, v) for k, v in sets.items()]
+    return base, SweepSpec(tuple(privacy), tuple(axes))
+
+
+def load_sweep_config(path: str | Path) -> tuple[dict[str, Any], list[SweepPoint] | None]:
+    """Read a config file that may carry a ``sweep:`` block: (base config mapping, points or None)."""
+    base, spec = load_sweep_spec(path)
+    if not spec.privacy and not spec.axes:
+        return base, None
+    return base, spec.points()
 
 
 def _read_mapping(p: Path) -> dict[str, Any]:
@@ -191,6 +373,7 @@ def _summary(point: SweepPoint, rd: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"name": point.name, "run_dir": str(rd), "noise_multiplier":
                            manifest.get("privacy", {}).get("noise_multiplier"),
                            "target_epsilon": point.target_epsilon,
+                           "settings": {k: v for k, v in point.settings},
                            "epsilon": manifest.get("privacy", {}).get("epsilon"),
                            "utility": manifest.get("metrics", {}).get("heldout")}
     audit_path = rd / "audit.json"

@@ -52,32 +52,25 @@ def test_epsilon_single_accountant_and_table() -> None:
     assert proc.returncode == 0 and "7.32" in proc.stdout
 
 
+EPSILON_ARGS = {"--noise-multiplier": "1", "--sample-rate": "0.1", "--steps": "10", "--delta": "1e-5"}
+CALIBRATE_ARGS = {"--target-epsilon": "1", "--delta": "1e-5", "--sample-rate": "0.01", "--steps": "100"}
+
+
+def one_bad(base: dict[str, str], option: str, value: str | None) -> tuple[list[str], str]:
+    """(arguments, field): ``base`` with ``option`` set to ``value`` (None: left out); the one-line
+    error must name ``option``."""
+    opts = {**base, option: value}
+    return [a for k, v in opts.items() if v is not None for a in (k, v)], option
+
+
 @pytest.mark.parametrize(
     "args, field",
-    [
-        (["--noise-multiplier", "0", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5"],
-         "--noise-multiplier"),
-        (["--noise-multiplier", "-1", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5"],
-         "--noise-multiplier"),
-        (["--noise-multiplier", "nan", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5"],
-         "--noise-multiplier"),
-        (["--noise-multiplier", "1", "--sample-rate", "1.5", "--steps", "10", "--delta", "1e-5"],
-         "--sample-rate"),
-        (["--noise-multiplier", "1", "--sample-rate", "0", "--steps", "10", "--delta", "1e-5"],
-         "--sample-rate"),
-        (["--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "-3", "--delta", "1e-5"],
-         "--steps"),
-        (["--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "2.5", "--delta", "1e-5"],
-         "--steps"),
-        (["--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "10", "--delta", "1"],
-         "--delta"),
-        (["--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "10", "--delta", "inf"],
-         "--delta"),
-        (["--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "10"], "--delta"),
-        (["--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5"], "--sample-rate"),
-        (["--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "10", "--delta", "1e-5",
-          "--accountant", "magic"], "--accountant"),
-    ],
+    [one_bad(EPSILON_ARGS, option, value) for option, value in [
+        ("--noise-multiplier", "0"), ("--noise-multiplier", "-1"), ("--noise-multiplier", "nan"),
+        ("--sample-rate", "1.5"), ("--sample-rate", "0"), ("--steps", "-3"), ("--steps", "2.5"),
+        ("--delta", "1"), ("--delta", "inf"), ("--delta", None), ("--sample-rate", None),
+        ("--accountant", "magic"),
+    ]],
 )
 def test_epsilon_bad_input(args: list[str], field: str) -> None:
     assert_bad_input(run("epsilon", *args), field)
@@ -98,17 +91,10 @@ def test_calibrate_json_and_never_overshoots() -> None:
 
 @pytest.mark.parametrize(
     "args, field",
-    [
-        (["--target-epsilon", "0", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100"],
-         "--target-epsilon"),
-        (["--target-epsilon", "1", "--delta", "0", "--sample-rate", "0.01", "--steps", "100"],
-         "--delta"),
-        (["--target-epsilon", "1", "--delta", "1e-5", "--sample-rate", "2", "--steps", "100"],
-         "--sample-rate"),
-        (["--target-epsilon", "1", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "x"],
-         "--steps"),
-        (["--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100"], "--target-epsilon"),
-    ],
+    [one_bad(CALIBRATE_ARGS, option, value) for option, value in [
+        ("--target-epsilon", "0"), ("--delta", "0"), ("--sample-rate", "2"), ("--steps", "x"),
+        ("--target-epsilon", None),
+    ]],
 )
 def test_calibrate_bad_input(args: list[str], field: str) -> None:
     assert_bad_input(run("calibrate", *args), field)

@@ -55,16 +55,33 @@ def test_demo_outputs_exist(demo_dir: Path) -> None:
         assert f"{p['epsilon']['pld']:.3f}" in text
 
 
+def _diff_se(a: float, b: float, n: float) -> float:
+    """Standard error of the difference of two accuracies, each measured on n held-out records
+    (unpaired: conservative, as both models are scored on the same records)."""
+    return math.sqrt(a * (1 - a) / n + b * (1 - b) / n)
+
+
+#: one-sided 5% normal quantile: a step up must exceed the held-out sampling noise at this level
+Z_ONE_SIDED = 1.645
+
+
 def test_utility_rises_with_epsilon(demo_dir: Path) -> None:
-    acc = [p["utility"]["accuracy"] for p in _points(demo_dir)]
-    baseline = _points(demo_dir)[0]["utility"]["majority_baseline"]
-    n = _points(demo_dir)[0]["utility"]["n_eval"]
-    tol = 2.0 / math.sqrt(n)  # about two standard errors of an accuracy on n records
-    # the least private runs learn the task; the trend over ε is non-decreasing up to noise
-    assert max(acc[2:]) > baseline + tol
-    assert acc[-1] >= acc[0] - tol and acc[2] >= acc[0] - tol
-    for lo, hi in zip(acc, acc[1:]):
-        assert hi >= lo - 2 * tol
+    points = _points(demo_dir)  # ε = 1, 4, 16, then the non-private run (ε = ∞)
+    acc = [p["utility"]["accuracy"] for p in points]
+    baseline = points[0]["utility"]["majority_baseline"]
+    n = points[0]["utility"]["n_eval"]
+    assert n >= 300, "the demo must evaluate on enough held-out records for the trend to be testable"
+    text = ", ".join(f"{a:.3f}" for a in acc)
+    # the non-private run learns the task well
+    assert acc[3] > baseline + 0.2, f"non-private accuracy {acc[3]:.3f} vs majority {baseline:.3f}"
+    # strictly higher, beyond the held-out noise: ε = 16 and the non-private run over ε = 1
+    for lo, hi in ((0, 2), (0, 3)):
+        margin = Z_ONE_SIDED * _diff_se(acc[lo], acc[hi], n)
+        assert acc[hi] - acc[lo] > margin, f"accuracy by ε (1, 4, 16, ∞): {text}; step {lo}->{hi} <= {margin:.3f}"
+    # and never falling by more than two standard errors: ε = 1 <= 4 <= 16 <= ∞ (at the top both ε = 16
+    # and the non-private run may reach the task's ceiling, ~0.96 with 48 tokens)
+    for lo, hi in ((0, 1), (1, 2), (2, 3)):
+        assert acc[hi] >= acc[lo] - 2 * _diff_se(acc[lo], acc[hi], n), f"accuracy by ε (1, 4, 16, ∞): {text}"
 
 
 def test_attack_success_rises_with_epsilon(demo_dir: Path) -> None:

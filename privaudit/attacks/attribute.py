@@ -20,9 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from scipy import stats
-
-from privaudit.audit.bounds import clopper_pearson
+from privaudit.attacks.metrics import accuracy_against_baseline
 
 __all__ = ["ATTRIBUTE_ATTACKS", "pool_representations", "attribute_attacks"]
 
@@ -119,21 +117,12 @@ def attribute_attacks(
                 model.fit(x_tr, y_tr)
             pred = model.predict(x_te)
         correct = int(np.sum(pred == y_te))
-        lo, hi = clopper_pearson(correct, n, alpha=1 - confidence)
-        p_value = float(stats.binom.sf(correct - 1, n, baseline)) if 0 < baseline < 1 else (
-            0.0 if correct > baseline * n else 1.0)
         results.append({
             "name": f"attribute_{kind}",
             "kind": "attribute",
             "metrics": {
-                "accuracy": correct / n,
-                "accuracy_ci": [float(lo), float(hi)],
-                "confidence": confidence,
-                "majority_baseline": baseline,
+                **accuracy_against_baseline(correct, n, baseline, confidence),
                 "majority_value": majority,
-                "advantage": correct / n - baseline,
-                "p_value": p_value,
-                "beats_baseline": bool(lo > baseline),
                 "n_train": int(x_tr.shape[0]),
                 "n_test": n,
                 "n_classes": int(values.size),

@@ -167,3 +167,26 @@ def membership_metrics(
     out["n_bootstrap"] = n_bootstrap
     out["confidence"] = float(confidence)
     return out
+
+
+def accuracy_against_baseline(correct: int, n: int, baseline: float, confidence: float) -> dict[str, Any]:
+    """Accuracy of ``correct`` right guesses out of ``n`` against a baseline rate (e.g. the majority
+    class's share): the rate, its Clopper-Pearson interval at ``confidence``, the advantage, the
+    one-sided binomial p-value of beating the baseline, and ``beats_baseline`` (the interval's lower
+    end is above the baseline)."""
+    from scipy import stats
+
+    from privaudit.audit.bounds import clopper_pearson
+
+    lo, hi = clopper_pearson(correct, n, alpha=1 - confidence)
+    p_value = float(stats.binom.sf(correct - 1, n, baseline)) if 0 < baseline < 1 else (
+        0.0 if correct > baseline * n else 1.0)
+    return {
+        "accuracy": correct / n,
+        "accuracy_ci": [float(lo), float(hi)],
+        "confidence": confidence,
+        "majority_baseline": baseline,
+        "advantage": correct / n - baseline,
+        "p_value": p_value,
+        "beats_baseline": bool(lo > baseline),
+    }

@@ -357,11 +357,17 @@ def _initial_model(run: "LoadedRun") -> Any:
     from privaudit.mechanisms.training import build_model
     from privaudit.models import load_trainable_state_dict
 
+    from privaudit.mechanisms import get_mechanism
+
     num_labels = max(2, len(run.manifest.get("data", {}).get("label_names", [])))
     device = next(run.model.parameters()).device
-    model, _ = build_model(run.config, num_labels, device)
-    if run.theta_0 is not None:
-        load_trainable_state_dict(model, run.theta_0)
+    loader = getattr(get_mechanism(run.config.mechanism), "load_released_model", None)
+    if loader is not None and run.theta_0 is not None:  # the mechanism's own model layout (e.g. a full top)
+        model, _ = loader(run.config, num_labels, device, run.theta_0)
+    else:
+        model, _ = build_model(run.config, num_labels, device)
+        if run.theta_0 is not None:
+            load_trainable_state_dict(model, run.theta_0)
     model.eval()
     return model
 
@@ -566,6 +572,65 @@ def _accounted(ledger: Any, delta: float) -> tuple[dict[str, Any], float, str | 
     return section, best, who
 
 
+def _view_summary(results: Sequence[AttackResult], prefix: str = "") -> str | None:
+    """'best token recovery X (chance Y), best attribute accuracy A vs majority B' over view attacks."""
+    inv = [r for r in results if r.kind == "inversion" and r.name.startswith(prefix)
+           and isinstance(r.metrics.get("token_recovery"), (int, float))]
+    att = [r for r in results if r.kind == "attribute" and r.name.startswith(prefix)
+           and isinstance(r.metrics.get("accuracy"), (int, float))]
+    parts = []
+    if inv:
+        b = max(inv, key=lambda r: r.metrics["token_recovery"])
+        ch = b.metrics.get("chance_rate")
+        parts.append(f"best token recovery {b.metrics['token_recovery']:.3g} ({b.name}"
+                     + (f"; chance {ch:.3g}" if isinstance(ch, (int, float)) else "") + ")")
+    if att:
+        b = max(att, key=lambda r: r.metrics["accuracy"])
+        parts.append(f"best attribute accuracy {b.metrics['accuracy']:.3g} vs majority "
+                     f"{b.metrics.get('majority_baseline', float('nan')):.3g} ({b.name})")
+    return ", ".join(parts) or None
+
+
+def _mechanism_parts(manifest: Mapping[str, Any], accounted: dict[str, Any], reason: str,
+                     results: Sequence[AttackResult]) -> tuple[dict[str, Any], str]:
+    """Add the manifest's mechanism-specific guarantees (a metric-DP report; the guarantees against a
+    worker and for the released model) to the accounted section, and say in the verdict's reason what
+    was compared with what."""
+    privacy = manifest.get("privacy") or {}
+    accounted = dict(accounted)
+    extra: list[str] = []
+    md = privacy.get("metric_dp")
+    if isinstance(md, Mapping):
+        accounted["metric_dp"] = dict(md)
+        eps = md.get("epsilon_at_median_nn")
+        extra.append("the token representations carry a metric-DP guarantee ("
+                     + (f"η = {md.get('eta'):.4g} per unit distance, ε = {eps:.4g} between tokens at the "
+                        f"median nearest-neighbour distance; {md.get('guarantee')}" if isinstance(eps, (int, float))
+                        else str(md.get("guarantee"))) + "), which has no (ε, δ) form to compare an empirical "
+                     "bound with: the server-view attacks are compared with chance and the majority baseline")
+        summary = _view_summary(results)
+        if summary:
+            extra.append("server-view attacks: " + summary)
+    worker = privacy.get("against_worker")
+    released = privacy.get("released_model")
+    if isinstance(worker, Mapping):
+        accounted["against_worker"] = dict(worker)
+        extra.append(f"against the worker: {worker.get('statement')}")
+        summary = _view_summary(results, "worker_")
+        if summary:
+            extra.append("worker-view attacks on the ciphertexts: " + summary)
+        control = _view_summary(results, "control_unencrypted_")
+        if control:
+            extra.append("without encryption (control): " + control)
+    if isinstance(released, Mapping):
+        accounted["released_model"] = dict(released)
+        if released.get("guarantee") == "none":
+            extra.append(f"the released model has no guarantee ({released.get('reason')})")
+    if extra:
+        reason = reason + ". " + "; ".join(extra)
+    return accounted, reason
+
+
 def _bound(scores: AttackScores, delta: float, confidence: float, seed: int) -> EpsilonLowerBound:
     assert scores.member_scores is not None and scores.nonmember_scores is not None
     s = np.concatenate([scores.member_scores, scores.nonmember_scores])
@@ -686,10 +751,10 @@ def _plan(run: "LoadedRun", data: "DataBundle", observer: str, reference_models:
     cfg = run.config
     from privaudit.mechanisms import get_mechanism
 
-    get_mechanism(cfg.mechanism)  # importing a mechanism's module registers its view attacks
+    mech = get_mechanism(cfg.mechanism)  # importing a mechanism's module registers its view attacks
     views = registered_view_attacks(cfg.mechanism, observer)
     available: dict[str, str | None] = {}  # name -> reason it cannot run (None: it can)
-    if observer == RELEASED_MODEL:
+    if observer == RELEASED_MODEL or getattr(mech, "AUDIT_RELEASED_MODEL", False):
         n_can = len(data.corpus.canaries)
         gc = (run.audit_key or {}).get("gradient_canaries")
         train_ids = {r.id for r in data.train}
@@ -888,6 +953,7 @@ def audit_run(
         verdict, reason = _verdict(has_guarantee, compared, compared_by, delta, top_bound,
                                    top.name if top is not None else None, claimed, len(outcomes), observer,
                                    confidence)
+        accounted, reason = _mechanism_parts(run.manifest, accounted, reason, results)
         public_settings = {k: v for k, v in settings.items() if not k.startswith("_")}
         public_settings.update({
             "n_members_scored": len(members), "n_nonmembers_scored": len(nonmembers),

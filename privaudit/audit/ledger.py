@@ -31,6 +31,7 @@ from privaudit.audit.events import (
     format_validation_error,
     parse_event,
 )
+from privaudit.durable import fsync_dir, write_atomic, write_fd
 
 FORMAT_VERSION = 1
 GENESIS = "0" * 64
@@ -207,12 +208,8 @@ class Ledger:
             raise ValueError(f"ledger: {p} already exists (open it to continue a run)") from None
         line = {"seq": 0, "kind": "header", "header": hdr.model_dump(mode="json"), "prev": GENESIS}
         line["hash"] = line_hash(line)
-        try:
-            os.write(fd, (canonical_json(line) + "\n").encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(p.parent)
+        write_fd(fd, (canonical_json(line) + "\n").encode("utf-8"))
+        fsync_dir(p.parent)
         ledger._lines = [line]
         return ledger
 
@@ -309,12 +306,7 @@ class Ledger:
                 return
         line = self._make_line(len(self._lines), event, last["hash"])
         data = (canonical_json(line) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_fd(os.open(self.path, os.O_WRONLY | os.O_APPEND), data)
         self._lines.append(line)
 
     def extend(self, events: Iterable[Event]) -> None:
@@ -329,16 +321,7 @@ class Ledger:
 
     def _rewrite(self) -> None:
         """Atomically replace the file with the in-memory chain (temp file + fsync + rename)."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        data = "".join(canonical_json(line) + "\n" for line in self._lines).encode("utf-8")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        write_atomic(self.path, "".join(canonical_json(line) + "\n" for line in self._lines).encode("utf-8"))
 
     # -- reading ------------------------------------------------------------------------------
     @property
@@ -378,16 +361,3 @@ class Ledger:
             "events": by_type,
             "head_hash": self.head_hash,
         }
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platform without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

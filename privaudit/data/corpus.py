@@ -14,11 +14,17 @@ What the corpus contains (see ``generate_corpus``):
   model can only fit them by memorising.
 * Sensitive attribute (``Record.sensitive``, ``Corpus.sensitive_name == "condition"``): the person's
   medical condition category (``diabetes``, ``asthma``, ``hypertension``, ``depression``; non-uniform
-  prior, majority ≈ 35%). It leaks through the text in a learnable but not trivial way: clinical notes
-  mention condition-specific symptoms/medications with probability 0.6 each (generic ones otherwise),
-  name the diagnosis with probability 0.25 and mention a *different* condition as family history with
-  probability 0.15; emails, tickets and reviews mention a condition-specific item with probability
-  0.2; bios never do.
+  prior, majority ≈ 35%). It leaks through every kind of record in a learnable but not trivial way
+  (condition-*correlated* wording, never the label's cue words): clinical notes mention
+  condition-specific symptoms/medications with probability 0.6 each (generic ones otherwise), name
+  the diagnosis with probability 0.25 and mention a *different* condition as family history with
+  probability 0.15; emails add a condition-specific aside (a medication refill, a specialist's
+  appointment, a device) with probability 0.6; tickets and reviews are about a condition-specific
+  item with probability 0.52 (0.2, else 0.4 of the rest); bios mention a condition-related routine
+  with probability 0.4 (otherwise a neutral one). The asides come from a second generator
+  (``privaudit-corpus-cues:{seed}``), so people, labels, splits and canaries are those the corpus had
+  before the asides existed; attribute inference on pooled clean representations beats the majority
+  baseline clearly, while no single record kind gives it away.
 * Canaries: records with a unique secret in a fixed format (``"my PIN is 4821"``), each belonging to
   its own fictional person (``person_id >= n_people``), so record-level and user-level membership of
   a canary coincide. Each canary is included in ``Corpus.records`` independently with probability
@@ -245,28 +251,38 @@ _CONDITIONS: dict[str, dict[str, Any]] = {
         "meds": ["metformin", "insulin glargine", "glipizide"],
         "symptoms": ["elevated blood sugar", "frequent thirst", "numbness in the feet"],
         "items": ["glucose monitor", "insulin pen", "test strips"],
+        "specialist": "endocrinologist",
+        "routines": ["carb counting at every meal", "a finger-prick glucose check before lunch", "a diabetic-friendly meal plan"],
     },
     "asthma": {
         "prior": 0.25,
         "meds": ["albuterol", "a fluticasone inhaler", "montelukast"],
         "symptoms": ["wheezing", "shortness of breath at night", "chest tightness"],
         "items": ["inhaler", "peak flow meter", "nebulizer"],
+        "specialist": "pulmonologist",
+        "routines": ["an inhaler in every bag", "staying indoors when the pollen count is high", "breathing exercises before a run"],
     },
     "hypertension": {
         "prior": 0.25,
         "meds": ["lisinopril", "amlodipine", "losartan"],
         "symptoms": ["high blood pressure readings", "morning headaches", "dizziness when standing"],
         "items": ["blood pressure cuff", "low-sodium cookbook", "pill organizer"],
+        "specialist": "cardiologist",
+        "routines": ["a blood pressure reading every morning", "cooking without salt", "a daily walk on the cardiologist's advice"],
     },
     "depression": {
         "prior": 0.15,
         "meds": ["sertraline", "fluoxetine", "bupropion"],
         "symptoms": ["low mood", "trouble sleeping", "loss of interest in hobbies"],
         "items": ["light therapy lamp", "meditation app", "sleep journal"],
+        "specialist": "psychiatrist",
+        "routines": ["weekly therapy sessions", "a mood journal", "a support group on Thursday evenings"],
     },
 }
 _GENERIC_MEDS = ["ibuprofen", "a multivitamin", "acetaminophen", "vitamin D"]
 _GENERIC_SYMPTOMS = ["mild fatigue", "a seasonal cold", "lower back pain", "a sore throat"]
+_GENERIC_ROUTINES = ["a book club", "weekend trips to the coast", "a volunteer shift at the library",
+                     "learning a new language"]
 _PRODUCTS = [
     "laptop", "phone case", "coffee maker", "running shoes", "backpack", "desk lamp", "blender",
     "headphones", "water bottle", "office chair", "printer", "smart watch",
@@ -362,6 +378,19 @@ _HINTS = [
     "Reminder to self: order another {item}.",
     "By the way, the {item} finally arrived.",
 ]
+# condition-correlated asides of emails (one of these templates, filled from the person's condition)
+_EMAIL_CUES = [
+    "I have to pick up my {item} on Friday.",
+    "Reminder to self: order another {item}.",
+    "By the way, the {item} finally arrived.",
+    "I need to refill my {med} before the weekend.",
+    "I'm writing from the {specialist}'s waiting room.",
+    "My {specialist} moved my appointment to Tuesday.",
+]
+_BIO_ROUTINES = ["Outside work: {routine}.", "Never skips {routine}.", "Part of the weekly routine: {routine}."]
+P_EMAIL_CUE = 0.6  # probability that an email carries a condition-correlated aside
+P_ITEM_CUE = 0.4  # of tickets/reviews not already about a condition item, the share that is
+P_BIO_CUE = 0.4  # probability that a bio names a condition-related routine (a neutral one otherwise)
 
 
 @dataclass(frozen=True)
@@ -416,6 +445,7 @@ def generate_corpus(
     fake = Faker("en_US")
     fake.seed_instance(seed)
     rng = random.Random(f"privaudit-corpus:{seed}")
+    cue_rng = random.Random(f"privaudit-corpus-cues:{seed}")  # the condition asides: rng's stream is unchanged
 
     people = [_make_person(pid, fake, rng) for pid in range(n_people)]
     records: list[Record] = []
@@ -423,7 +453,7 @@ def generate_corpus(
         offset = rng.randrange(len(KINDS))
         for k in range(records_per_person):
             kind = KINDS[(offset + k) % len(KINDS)]
-            records.append(_make_record(p, kind, k, rng))
+            records.append(_make_record(p, kind, k, rng, cue_rng))
 
     canaries = _make_canaries(n_canaries, canary_inclusion, canary_formats, n_people, records, fake, rng)
     all_records = records + [c.to_record() for c in canaries if c.included]
@@ -466,7 +496,7 @@ def _make_person(pid: int, fake: Any, rng: random.Random) -> _Person:
     )
 
 
-def _make_record(p: _Person, kind: str, k: int, rng: random.Random) -> Record:
+def _make_record(p: _Person, kind: str, k: int, rng: random.Random, cue_rng: random.Random) -> Record:
     label = rng.randrange(2)
     cond = _CONDITIONS[p.condition]
     ctx = {
@@ -482,6 +512,17 @@ def _make_record(p: _Person, kind: str, k: int, rng: random.Random) -> Record:
             hint = " " + rng.choice(_HINTS).format(item=item)
         else:
             ctx["product"] = item
+    # condition-correlated asides, drawn from cue_rng only (labels and rng's stream stay as they were)
+    if kind == "email" and not hint and cue_rng.random() < P_EMAIL_CUE:
+        hint = " " + cue_rng.choice(_EMAIL_CUES).format(
+            item=cue_rng.choice(cond["items"]), med=cue_rng.choice(cond["meds"]), specialist=cond["specialist"])
+    elif kind in ("support_ticket", "product_review") and ctx["product"] in _PRODUCTS and (
+            cue_rng.random() < P_ITEM_CUE):
+        ctx["product"] = cue_rng.choice(cond["items"])
+    routine = ""
+    if kind == "bio":
+        pool = cond["routines"] if cue_rng.random() < P_BIO_CUE else _GENERIC_ROUTINES
+        routine = " " + cue_rng.choice(_BIO_ROUTINES).format(routine=cue_rng.choice(pool))
     sentiment = rng.choice(_SENTIMENT[kind][label]).format(**ctx)
 
     if kind == "clinical_note":
@@ -508,7 +549,7 @@ def _make_record(p: _Person, kind: str, k: int, rng: random.Random) -> Record:
     elif kind == "product_review":
         text = f"{sentiment} Review by {p.first} from {p.city}."
     else:  # bio
-        text = f"{p.name} is a {p.age}-year-old {p.job} at {p.employer} who lives in {p.city}. {sentiment}"
+        text = f"{p.name} is a {p.age}-year-old {p.job} at {p.employer} who lives in {p.city}.{routine} {sentiment}"
 
     values = {
         "name": p.name,

@@ -6,6 +6,23 @@ A mechanism module exposes:
 * ``planned_events(cfg, plan) -> list[Event]``: the events a finished run appends to its ledger;
 * ``fit(cfg, train_records, heldout_records, *, ledger=None, progress=None, ...) -> FitResult``.
 
+Optional hooks (read with ``getattr``; :mod:`privaudit.runs` and the auditor use them when present):
+
+* ``ledger_header_extra(cfg) -> dict``: extra ledger-header fields, passed to ``Ledger.create``
+  (e.g. PrivTune's ``metric_dp`` entry);
+* ``privacy_section(ledger, plan, cfg[, metrics]) -> dict``: the manifest's ``privacy`` section in
+  place of the (ε, δ) accountants' ``epsilon_section`` (e.g. a metric-DP report, or separate
+  guarantees against a worker and for the released model). ``metrics`` (the fit's metrics) is
+  passed only if the function has a parameter of that name. It must never report ε = 0 for
+  something released without a guarantee;
+* ``load_released_model(cfg, num_labels, device, state) -> (model, tokenizer)``: rebuild the released
+  model from ``adapter.safetensors`` (else :func:`privaudit.mechanisms.training.build_model`);
+* ``RESUMABLE = False``: ``train(..., resume=True)`` is refused with a ``ValueError``;
+* ``AUDIT_RELEASED_MODEL = True``: the auditor also runs the released-model attacks (membership,
+  canaries) when the ledger's observer is not the released model;
+* view attacks: a mechanism whose observer is not the released model registers its attacks at
+  import time with :func:`privaudit.audit.auditor.register_view_attack`, keyed by its ``NAME``.
+
 Modules are imported lazily (``import privaudit.mechanisms`` stays light). Register another with
 :func:`register_mechanism`.
 """
@@ -17,7 +34,11 @@ from types import ModuleType
 
 _MECHANISMS: dict[str, str] = {
     "dp_lora": "privaudit.mechanisms.dp_lora",
+    "dp_fedlora": "privaudit.mechanisms.dp_fedlora",
     "lora_sketch": "privaudit.mechanisms.lora_sketch",
+    "privtune": "privaudit.mechanisms.privtune",
+    "he_lora": "privaudit.mechanisms.he_lora",
+    "pae_mobillm": "privaudit.mechanisms.pae_mobillm",
 }
 
 

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from privaudit.audit.events import Event, GaussianEvent, PlaintextEvent
-from privaudit.config import PrivacyPlan, RunConfig, resolve_plan
+from privaudit.config import PrivacyPlan, RunConfig
 from privaudit.data import Record
 from privaudit.mechanisms.per_sample import PerSampleGradients
 from privaudit.mechanisms.sampling import Sampler, fresh_seed, make_sampler
@@ -39,13 +39,15 @@ from privaudit.mechanisms.training import (
     build_model,
     encode,
     evaluate,
-    generator_state,
+    fit_setup,
+    loop_rng_state,
     make_optimizer,
-    optimizer_from_flat,
     per_sample_losses,
-    set_generator_state,
-    set_torch_rng_state,
-    torch_rng_state,
+    require_mechanism,
+    restore_loop_state,
+    resume_checkpoint,
+    run_steps,
+    save_checkpoint,
     trainable_parameters,
 )
 
@@ -167,17 +169,23 @@ class DPLoraTrainer:
         self.denominator = (plan.sample_rate * plan.dataset_size if plan.sampling == "poisson"
                             else float(plan.batch_size))  # type: ignore[arg-type]
         self.step_count = 0
+        self.resumed_from: int | None = None
         self.extra_state: dict[str, Any] = {}  # JSON-able, saved with checkpoints
 
     # -- one step -----------------------------------------------------------------------------
-    def clipped_sum(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
-        """Σ_b clip_C(∇_b) over the batch ``indices`` in physical chunks; (sums, batch size)."""
-        total = {n: torch.zeros_like(p) for n, p in self.params}
+    def physical_batches(self, indices: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+        """The records ``indices``, encoded in chunks of ``training.physical_batch_size`` (model in
+        train mode)."""
         chunk = self.cfg.training.physical_batch_size
         self.model.train()
         for start in range(0, len(indices), chunk):
             recs = [self.records[int(i)] for i in indices[start:start + chunk]]
-            batch = encode(self.tokenizer, recs, self.cfg, self.device)
+            yield encode(self.tokenizer, recs, self.cfg, self.device)
+
+    def clipped_sum(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
+        """Σ_b clip_C(∇_b) over the batch ``indices`` in physical chunks; (sums, batch size)."""
+        total = {n: torch.zeros_like(p) for n, p in self.params}
+        for batch in self.physical_batches(indices):
             accumulate_clipped_sum(self.model, self.psg, batch, self.cfg.task, self.plan.clip_norm, total)
         return total, len(indices)
 
@@ -202,10 +210,8 @@ class DPLoraTrainer:
     def state(self) -> dict[str, Any]:
         """JSON-able state besides weights and optimizer tensors. Secret: holds the RNG states."""
         return {
-            "sampler": self.sampler.state_dict(),
-            "noise_generator": generator_state(self.noise_gen),
+            **loop_rng_state(self.sampler, self.noise_gen),
             "canary_rng": self.canary_rng.bit_generator.state,
-            "torch_rng": torch_rng_state(),
             "gradient_canaries": None if self.canaries is None else self.canaries.to_json(),
             "plan": self.plan.to_json(),
             "extra": self.extra_state,
@@ -213,27 +219,48 @@ class DPLoraTrainer:
 
     def load_state(self, step: int, weights: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor],
                    state: dict[str, Any]) -> None:
-        from privaudit.models import load_trainable_state_dict
-
         if state["plan"] != self.plan.to_json():
             raise ValueError("resume: the checkpoint was made with a different privacy plan")
-        load_trainable_state_dict(self.model, weights)
-        optimizer_from_flat(self.optimizer, opt_tensors, state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
-        set_generator_state(self.noise_gen, state["noise_generator"])
+        restore_loop_state(self.model, self.optimizer, self.sampler, self.noise_gen, weights, opt_tensors, state)
         self.canary_rng.bit_generator.state = state["canary_rng"]
-        set_torch_rng_state(state["torch_rng"])
         if state.get("gradient_canaries") is not None:
             self.canaries = GradientCanaries.from_json(state["gradient_canaries"])
         self.extra_state = dict(state.get("extra", {}))
         self.step_count = step
 
     def save(self, checkpointer: Checkpointer, theta_0: dict[str, torch.Tensor]) -> None:
-        from privaudit.models import trainable_state_dict
+        save_checkpoint(checkpointer, self.step_count, self.model, theta_0, self.optimizer, self.state())
 
-        weights = trainable_state_dict(self.model)
-        weights.update({f"__theta0__.{k}": v for k, v in theta_0.items()})
-        checkpointer.save(self.step_count, weights, self.optimizer, self.state())
+    def start(self, resume: bool, checkpointer: Checkpointer | None, theta_0: dict[str, torch.Tensor],
+              heldout_records: Sequence[Record]) -> dict[str, torch.Tensor]:
+        """Before this process's first step. ``resume``: load ``checkpointer``'s newest checkpoint (its
+        step becomes ``resumed_from``) and return the run's θ₀ saved with it. Otherwise return
+        ``theta_0``, after evaluating the initial model on ``heldout_records`` if
+        ``training.eval_before`` (metric ``heldout_before``)."""
+        if resume:
+            ckpt = resume_checkpoint(checkpointer)
+            self.load_state(ckpt.step, ckpt.trainable, ckpt.optimizer_tensors, ckpt.state)
+            self.resumed_from = ckpt.step
+            return ckpt.theta_0
+        if self.cfg.training.eval_before:
+            self.extra_state["heldout_before"] = evaluate(self.model, self.tokenizer, heldout_records, self.cfg,
+                                                          self.device)
+        return theta_0
+
+    def run(self, checkpointer: Checkpointer | None, theta_0: dict[str, torch.Tensor],
+            progress: ProgressFn | None) -> None:
+        """The remaining steps of the plan, checkpointing when due (:func:`.training.run_steps`)."""
+        run_steps(self.step, self.step_count, self.plan.steps, checkpointer=checkpointer,
+                  save=lambda _: self.save(checkpointer, theta_0), progress=progress)  # type: ignore[arg-type]
+
+    def final_metrics(self, heldout_records: Sequence[Record]) -> dict[str, Any]:
+        """The fit's metrics: the saved extras, ``heldout`` utility, split sizes and steps done."""
+        metrics: dict[str, Any] = dict(self.extra_state)
+        metrics["heldout"] = evaluate(self.model, self.tokenizer, heldout_records, self.cfg, self.device)
+        metrics["train_size"] = len(self.records)
+        metrics["heldout_size"] = len(heldout_records)
+        metrics["steps"] = self.step_count
+        return metrics
 
     def close(self) -> None:
         self.psg.remove()
@@ -250,53 +277,23 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     ``_unsafe_noise_factor`` (tests only; not reachable from configs or the CLI) multiplies the noise
     actually added while the ledger still records the configured σ — a planted bug for auditor tests.
     """
-    from privaudit.models import resolve_device, trainable_state_dict
+    from privaudit.models import trainable_state_dict
 
     if not (math.isfinite(_unsafe_noise_factor) and _unsafe_noise_factor >= 0):
         raise ValueError(f"_unsafe_noise_factor: must be a finite number >= 0, got {_unsafe_noise_factor!r}")
-    if cfg.mechanism != NAME:
-        raise ValueError(f"mechanism: {cfg.mechanism!r} is not {NAME!r}")
-    if plan is None:
-        plan = resolve_plan(cfg, len(train_records))
-    if plan.dataset_size != len(train_records):
-        raise ValueError(f"plan: made for {plan.dataset_size} records, got {len(train_records)}")
-    if num_labels is None:
-        labels = [r.label for r in list(train_records) + list(heldout_records)]
-        num_labels = max(2, max(labels) + 1)
-    device = resolve_device(cfg.model.device)
+    require_mechanism(cfg, NAME)
+    plan, num_labels, device = fit_setup(cfg, train_records, heldout_records, plan, num_labels)
     model, tok = build_model(cfg, num_labels, device)
     theta_0 = trainable_state_dict(model)
     trainer = DPLoraTrainer(cfg, train_records, plan, model, tok, device, ledger=ledger,
                             noise_factor=_unsafe_noise_factor)
-    metrics: dict[str, Any] = {}
-    resumed_from: int | None = None
     try:
-        if resume:
-            if checkpointer is None:
-                raise ValueError("resume: needs a checkpoint directory")
-            ckpt = checkpointer.latest()
-            if ckpt is None:
-                raise ValueError(f"resume: no checkpoint under {checkpointer.directory}")
-            weights = {k: v for k, v in ckpt.weights.items() if not k.startswith("__theta0__.")}
-            theta_0 = {k[len("__theta0__."):]: v for k, v in ckpt.weights.items() if k.startswith("__theta0__.")}
-            trainer.load_state(ckpt.step, weights, ckpt.optimizer_tensors, ckpt.state)
-            resumed_from = ckpt.step
-        elif cfg.training.eval_before:
-            trainer.extra_state["heldout_before"] = evaluate(model, tok, heldout_records, cfg, device)
+        theta_0 = trainer.start(resume, checkpointer, theta_0, heldout_records)
         if not resume and checkpointer is not None:
             trainer.save(checkpointer, theta_0)  # step 0: the secret seeds are durable before step 1
-        while trainer.step_count < plan.steps:
-            info = trainer.step()
-            if checkpointer is not None and checkpointer.due(trainer.step_count) and trainer.step_count < plan.steps:
-                trainer.save(checkpointer, theta_0)
-            if progress is not None:
-                progress(trainer.step_count, plan.steps, info)
+        trainer.run(checkpointer, theta_0, progress)
     finally:
         trainer.close()
-    metrics.update(trainer.extra_state)
-    metrics["heldout"] = evaluate(model, tok, heldout_records, cfg, device)
-    metrics["train_size"] = len(train_records)
-    metrics["heldout_size"] = len(heldout_records)
-    metrics["steps"] = trainer.step_count
+    metrics = trainer.final_metrics(heldout_records)
     model.eval()
-    return FitResult(model, tok, metrics, plan, theta_0, trainer.canaries, trainer.step_count, resumed_from)
+    return FitResult(model, tok, metrics, plan, theta_0, trainer.canaries, trainer.step_count, trainer.resumed_from)

@@ -74,6 +74,16 @@ def _check_n_bits(n_bits: int) -> None:
         raise ValueError(f"n_bits: must be an integer in [2, 16], got {n_bits!r}")
 
 
+def _finite_matrix(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` as a float64 2-d array of finite numbers (a ``ValueError`` naming ``name`` otherwise)."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-d array, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: contains NaN or infinity (cannot quantize)")
+    return a
+
+
 def quantize_rows(x: np.ndarray, n_bits: int) -> QuantizedRows:
     """Dynamic asymmetric quantization of each row of ``x`` (rows, k) to ``n_bits`` unsigned ints.
 
@@ -81,11 +91,7 @@ def quantize_rows(x: np.ndarray, n_bits: int) -> QuantizedRows:
     scale 1 and zero point 0.
     """
     _check_n_bits(n_bits)
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"x: expected a 2-d array, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("x: contains NaN or infinity (cannot quantize)")
+    x = _finite_matrix(x, "x")
     qmax = (1 << n_bits) - 1
     lo = np.minimum(x.min(axis=1, initial=0.0), 0.0)
     hi = np.maximum(x.max(axis=1, initial=0.0), 0.0)
@@ -99,11 +105,7 @@ def quantize_rows(x: np.ndarray, n_bits: int) -> QuantizedRows:
 def quantize_channels(w: np.ndarray, n_bits: int) -> QuantizedWeight:
     """Static symmetric quantization of each column (output channel) of ``w`` (k, n)."""
     _check_n_bits(n_bits)
-    w = np.asarray(w, dtype=np.float64)
-    if w.ndim != 2:
-        raise ValueError(f"weight: expected a 2-d array, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weight: contains NaN or infinity (cannot quantize)")
+    w = _finite_matrix(w, "weight")
     qmax = (1 << (n_bits - 1)) - 1
     amax = np.abs(w).max(axis=0, initial=0.0)
     scale = np.where(amax > 0, amax / qmax, 1.0)

@@ -36,11 +36,11 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from privaudit.audit.events import EncryptedEvent, Event, PlaintextEvent
-from privaudit.config import PrivacyPlan, RunConfig, resolve_plan
+from privaudit.config import PrivacyPlan, RunConfig, parse_options
 from privaudit.data import Record
 from privaudit.mechanisms.he_backend import (
     ClientSession,
@@ -66,6 +66,11 @@ OBSERVER = "worker"
 Mode = Literal["execute", "simulate", "clear"]
 MODES: tuple[str, ...] = ("execute", "simulate", "clear")
 SHAPES_LEAK = "batch shapes (rows per exchange: batch size x padded length) visible to the worker"
+# the fail-closed marker of a non-private run: whoever receives the adapter gets it without DP noise
+RELEASED_WITHOUT_NOISE = "the trained adapter, released without DP noise (no guarantee for the released model)"
+WORKER_STATEMENT = "no information beyond shapes, sequence lengths and timing"
+RESUMABLE = False  # keys and the worker session are not checkpointed: privaudit.runs refuses resume
+AUDIT_RELEASED_MODEL = True  # the auditor also attacks the released adapter (membership, canaries)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,13 +101,7 @@ class HESettings(BaseModel):
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "HESettings":
-        try:
-            s = cls.model_validate(dict(options or {}))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err.get("loc", ()))
-            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-            raise ValueError(f"options.{loc}: {msg}") from None
+        s = parse_options(cls, options)
         if s.worker is not None:
             try:
                 parse_worker_address(s.worker)
@@ -642,6 +641,8 @@ def planned_events(cfg: RunConfig, plan: PrivacyPlan) -> list[Event]:
         from privaudit.mechanisms.dp_lora import step_event
 
         events.append(step_event(plan).with_count(plan.steps))
+    else:
+        events.append(PlaintextEvent(what=RELEASED_WITHOUT_NOISE))
     if settings.mode == "execute":
         from privaudit.mechanisms.he_backend import GLWE_SCHEME, GLWE_SECURITY_BITS
 
@@ -660,6 +661,67 @@ def adapter_guarantee(plan: PrivacyPlan) -> str:
             "worker only; enable privacy.noise_multiplier > 0 for DP on the adapter")
 
 
+def privacy_section(ledger: Any, plan: PrivacyPlan, cfg: RunConfig, metrics: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """The manifest's privacy section (hook of :mod:`privaudit.runs`): the accountants' ε of the ledger
+    (fail-closed: ∞ without owner-side DP, through the :data:`RELEASED_WITHOUT_NOISE` marker; the DP-SGD
+    ε of the Gaussian events with it), plus two separate parts:
+
+    * ``against_worker``: encrypted exchanges only → "no information beyond shapes, sequence lengths
+      and timing" (unless a plaintext shape release was recorded), with the encrypted events, bytes
+      each way, scheme and security bits;
+    * ``released_model``: ``{"guarantee": "none", "reason": ...}`` without DP noise, else the DP-SGD ε
+      of the Gaussian events (``{"guarantee": "dp", "epsilon": {...}}``)."""
+    from privaudit.audit.events import EncryptedEvent, GaussianEvent
+    from privaudit.runs import epsilon_section
+
+    events = list(ledger.events)
+    section = epsilon_section(ledger, plan.delta)
+    enc = [e for e in events if isinstance(e, EncryptedEvent)]
+    shapes = [e for e in events if isinstance(e, PlaintextEvent) and e.what == SHAPES_LEAK]
+    other_plain = [e.what for e in events if isinstance(e, PlaintextEvent)
+                   and e.what not in (SHAPES_LEAK, RELEASED_WITHOUT_NOISE)]
+    settings = HESettings.from_options(cfg.options)
+    he = (metrics or {}).get("he") or {}
+    if settings.mode == "execute":
+        statement = WORKER_STATEMENT if not (shapes or other_plain) else (
+            "no formal guarantee: " + "; ".join(([SHAPES_LEAK] if shapes else []) + other_plain))
+    elif settings.mode == "simulate":
+        statement = ("simulate mode: nothing left the owner's machine (the products were computed locally on "
+                     f"the quantized values); an execute run with these settings gives the worker {WORKER_STATEMENT}")
+    else:
+        statement = "clear mode: no worker (float products computed locally)"
+    section["against_worker"] = {
+        "observer": OBSERVER, "mode": settings.mode, "statement": statement,
+        "guarantee": "encrypted" if settings.mode == "execute" and not (shapes or other_plain) else
+        ("none" if settings.mode == "execute" else "nothing sent"),
+        "encrypted_events": sum(e.count for e in enc),
+        "scheme": enc[0].scheme if enc else he.get("scheme"),
+        "security_bits": min((e.security_bits for e in enc), default=he.get("security_bits")),
+        "bytes_to_worker": sum(e.bytes_to_server * e.count for e in enc),
+        "bytes_from_worker": sum(e.bytes_from_server * e.count for e in enc),
+        "setup_bytes_to_worker": he.get("setup_bytes_to_worker"),
+        "shapes_visible": bool(shapes), "timing": "not accounted (a side channel)",
+    }
+    if plan.private and any(isinstance(e, GaussianEvent) for e in events):
+        section["released_model"] = {"guarantee": "dp", "epsilon": dict(section.get("epsilon", {})),
+                                     "delta": plan.delta, "reason": adapter_guarantee(plan)}
+    else:
+        section["released_model"] = {"guarantee": "none",
+                                     "reason": "the adapter is released without DP noise"}
+    return section
+
+
+def ledger_header_extra(cfg: RunConfig) -> dict[str, Any]:
+    """Ledger-header fields of an HE-LoRA run: what the released adapter's guarantee rests on (the
+    ledger's observer is the worker; the released model is a second observer)."""
+    settings = HESettings.from_options(cfg.options)
+    private = float(cfg.privacy.noise_multiplier or 0.0) > 0 or cfg.privacy.target_epsilon is not None
+    return {"he_lora": {"mode": settings.mode, "n_bits": settings.n_bits,
+                        "released_model": "dp (gaussian events)" if private else
+                        "none: the adapter is released without DP noise"}}
+
+
 def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequence[Record], *,
         ledger: Any = None, progress: Callable[[int, int, dict[str, Any]], None] | None = None,
         num_labels: int | None = None, plan: PrivacyPlan | None = None, checkpointer: Any = None,
@@ -674,28 +736,22 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     original base layers restored; ``metrics["he"]`` has the byte counts and the adapter's guarantee.
     """
     from privaudit.mechanisms.dp_lora import FitResult
-    from privaudit.mechanisms.training import build_model, evaluate
-    from privaudit.models import resolve_device, trainable_state_dict
+    from privaudit.mechanisms.training import build_model, evaluate, fit_setup, require_mechanism, run_steps
+    from privaudit.models import trainable_state_dict
 
-    if cfg.mechanism != NAME:
-        raise ValueError(f"mechanism: {cfg.mechanism!r} is not {NAME!r}")
+    require_mechanism(cfg, NAME)
     if resume:
         raise ValueError("resume: he_lora runs cannot be resumed (keys and worker session are not checkpointed)")
     settings = HESettings.from_options(cfg.options)
     if transcript_path is not None and not settings.keep_transcript:
         raise ValueError("options.keep_transcript: must be true to save the worker's transcript")
-    if plan is None:
-        plan = resolve_plan(cfg, len(train_records))
-    if plan.dataset_size != len(train_records):
-        raise ValueError(f"plan: made for {plan.dataset_size} records, got {len(train_records)}")
-    if num_labels is None:
-        labels = [r.label for r in list(train_records) + list(heldout_records)]
-        num_labels = max(2, max(labels) + 1)
-    device = resolve_device(cfg.model.device)
+    plan, num_labels, device = fit_setup(cfg, train_records, heldout_records, plan, num_labels)
     model, tok = build_model(cfg, num_labels, device)
     theta_0 = trainable_state_dict(model)
     if ledger is not None and settings.mode == "execute" and shapes_leak(cfg, settings) and plan.steps > 0:
         ledger.append(PlaintextEvent(what=SHAPES_LEAK))
+    if ledger is not None and not plan.private:  # fail-closed marker: the adapter carries no DP guarantee
+        ledger.append(PlaintextEvent(what=RELEASED_WITHOUT_NOISE))
     session = HELoraSession(model, settings, transport=transport, ledger=ledger, backend=_backend)
     metrics: dict[str, Any] = {}
     trainer: Any = None
@@ -707,12 +763,8 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
             seed = cfg.privacy.noise_seed if cfg.privacy.noise_seed is not None else cfg.training.seed
             trainer = _PlainTrainer(cfg, train_records, plan, model, tok, device, session, seed)
         start = time.perf_counter()
-        while trainer.step_count < plan.steps:
-            info = trainer.step()
-            if checkpointer is not None and checkpointer.due(trainer.step_count) and plan.private:
-                trainer.save(checkpointer, theta_0)
-            if progress is not None:
-                progress(trainer.step_count, plan.steps, info)
+        run_steps(trainer.step, trainer.step_count, plan.steps, checkpointer=checkpointer if plan.private else None,
+                  save=lambda _: trainer.save(checkpointer, theta_0), progress=progress, save_final=True)
         train_seconds = time.perf_counter() - start
         with session.engine.locally(settings.eval_mode if settings.mode != "clear" else "clear"):
             metrics["heldout"] = evaluate(model, tok, heldout_records, cfg, device)
@@ -749,3 +801,16 @@ __all__ = [
     "remote_candidates",
     "uninstall",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# the auditor's attacks on the worker's view (registered when this module is imported)
+# ----------------------------------------------------------------------------------------------
+def _register_view_attacks() -> None:
+    from privaudit.audit.auditor import register_view_attack
+    from privaudit.audit.view_attacks import he_worker_view
+
+    register_view_attack(NAME, he_worker_view)
+
+
+_register_view_attacks()

@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from privaudit.audit.events import Event, SketchEvent, format_validation_error
-from privaudit.config import PrivacyPlan, RunConfig, resolve_plan
+from privaudit.config import PrivacyPlan, RunConfig, parse_options
 from privaudit.data import Record
 from privaudit.mechanisms.dp_lora import DPLoraTrainer, FitResult, step_event
 from privaudit.mechanisms.sampling import fresh_seed
@@ -69,8 +69,7 @@ from privaudit.mechanisms.training import (
     Checkpointer,
     ProgressFn,
     build_model,
-    encode,
-    evaluate,
+    fit_setup,
     per_sample_losses,
 )
 
@@ -103,10 +102,7 @@ class SketchSettings(BaseModel):
 
 def settings_of(cfg: RunConfig) -> SketchSettings:
     """The config's :class:`SketchSettings`; ``ValueError`` starting ``options.<field>``."""
-    try:
-        return SketchSettings.model_validate(dict(cfg.options))
-    except ValidationError as exc:
-        raise ValueError(f"options.{format_validation_error(exc)}") from None
+    return parse_options(SketchSettings, cfg.options)
 
 
 def check_config(cfg: RunConfig) -> SketchSettings:
@@ -304,11 +300,7 @@ class SketchTrainer(DPLoraTrainer):
 
     def _plain_sum(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         total = {n: torch.zeros_like(p) for n, p in self.params}
-        chunk = self.cfg.training.physical_batch_size
-        self.model.train()
-        for start in range(0, len(indices), chunk):
-            recs = [self.records[int(i)] for i in indices[start:start + chunk]]
-            batch = encode(self.tokenizer, recs, self.cfg, self.device)
+        for batch in self.physical_batches(indices):
             per_sample_losses(self.model, batch, self.cfg.task).sum().backward()
             for n, p in self.params:
                 if p.grad is not None:
@@ -392,17 +384,10 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     """Train B (and the head) with A frozen; no run directory. Appends the sketch event to ``ledger``
     (if given) before the first update, and with noise one Gaussian event per step before it. With
     ``checkpointer``, checkpoints as dp_lora does (the secret A seed is in the checkpoint state)."""
-    from privaudit.models import resolve_device, trainable_state_dict
+    from privaudit.models import trainable_state_dict
 
     settings = check_config(cfg)
-    if plan is None:
-        plan = resolve_plan(cfg, len(train_records))
-    if plan.dataset_size != len(train_records):
-        raise ValueError(f"plan: made for {plan.dataset_size} records, got {len(train_records)}")
-    if num_labels is None:
-        labels = [r.label for r in list(train_records) + list(heldout_records)]
-        num_labels = max(2, max(labels) + 1)
-    device = resolve_device(cfg.model.device)
+    plan, num_labels, device = fit_setup(cfg, train_records, heldout_records, plan, num_labels)
     model, tok = build_model(cfg, num_labels, device)
     a_seed: int | None = None
     if settings.a_secret:
@@ -411,38 +396,17 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     theta_0 = trainable_state_dict(model)
     trainer = SketchTrainer(cfg, train_records, plan, model, tok, device, ledger=ledger, settings=settings,
                             a_seed=a_seed)
-    resumed_from: int | None = None
     try:
-        if resume:
-            if checkpointer is None:
-                raise ValueError("resume: needs a checkpoint directory")
-            ckpt = checkpointer.latest()
-            if ckpt is None:
-                raise ValueError(f"resume: no checkpoint under {checkpointer.directory}")
-            weights = {k: v for k, v in ckpt.weights.items() if not k.startswith("__theta0__.")}
-            theta_0 = {k[len("__theta0__."):]: v for k, v in ckpt.weights.items() if k.startswith("__theta0__.")}
-            trainer.load_state(ckpt.step, weights, ckpt.optimizer_tensors, ckpt.state)
-            resumed_from = ckpt.step
-        elif cfg.training.eval_before:
-            trainer.extra_state["heldout_before"] = evaluate(model, tok, heldout_records, cfg, device)
+        theta_0 = trainer.start(resume, checkpointer, theta_0, heldout_records)
         if ledger is not None and not (resume and _has_sketch_event(ledger)):
             ledger.append(sketch_event(cfg, plan))  # write-ahead: before any update
         if not resume and checkpointer is not None:
             trainer.save(checkpointer, theta_0)
-        while trainer.step_count < plan.steps:
-            info = trainer.step()
-            if checkpointer is not None and checkpointer.due(trainer.step_count) and trainer.step_count < plan.steps:
-                trainer.save(checkpointer, theta_0)
-            if progress is not None:
-                progress(trainer.step_count, plan.steps, info)
+        trainer.run(checkpointer, theta_0, progress)
     finally:
         trainer.close()
     model.eval()
-    metrics: dict[str, Any] = dict(trainer.extra_state)
-    metrics["heldout"] = evaluate(model, tok, heldout_records, cfg, device)
-    metrics["train_size"] = len(train_records)
-    metrics["heldout_size"] = len(heldout_records)
-    metrics["steps"] = trainer.step_count
+    metrics = trainer.final_metrics(heldout_records)
     layers = trainer.layers
     sketch: dict[str, Any] = {
         "rank": cfg.lora.rank, "a_secret": settings.a_secret, "optimizer": cfg.training.optimizer,
@@ -478,7 +442,8 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
                    if a_seed is not None else None},
         "sketch_canaries": None if trainer.sketch_canaries is None else trainer.sketch_canaries.to_json(),
     }
-    return SketchFitResult(model, tok, metrics, plan, theta_0, trainer.canaries, trainer.step_count, resumed_from,
+    return SketchFitResult(model, tok, metrics, plan, theta_0, trainer.canaries, trainer.step_count,
+                           trainer.resumed_from,
                            released_state=released, audit_key_extra=key_extra,
                            sketch_canaries=trainer.sketch_canaries)
 
@@ -545,7 +510,8 @@ class PrivacyLevel(BaseModel):
 
 
 class StudySpec(BaseModel):
-    """The ``study:`` block of a rank-study file (see ``examples/lora_sketch_study.yaml``).
+    """The ``study:`` block of a rank-study file (``base:`` + ``study:``). The same study also runs as a
+    plain ``privaudit sweep`` over rank (``examples/lora_sketch_study.yaml``, ``--set lora.rank=...``).
 
     Every rank × ``a_secret`` is run without added noise; each ``noise`` level is run at
     ``noise_ranks`` (default: every rank) × ``noise_a_secret``. ``scale_alpha`` keeps s = alpha/r at the
@@ -814,10 +780,34 @@ def load_study(path: str | Path) -> tuple[dict[str, Any], StudySpec]:
     return json.loads(cfg.model_dump_json()), spec
 
 
-def run_study_file(path: str | Path, out_dir: str | Path, **kwargs: Any) -> RankStudyResult:
-    """:func:`run_rank_study` on a study file (``examples/lora_sketch_study.yaml``)."""
+def run_study_file(path: str | Path, out_dir: str | Path, *, progress: Callable[[str], None] | None = None,
+                   **kwargs: Any) -> RankStudyResult:
+    """:func:`run_rank_study` on a study file (``base:`` run config + ``study:`` block); a ``privaudit
+    sweep`` config with a ``sweep:`` block (``examples/lora_sketch_study.yaml``) runs as that sweep and
+    is summarised as the same study table. ``progress`` receives one line per stage."""
+    if progress is not None:
+        kwargs.setdefault("log", progress)
+    if _is_sweep_file(path):
+        from privaudit.sweep import load_sweep_spec, run_sweep
+
+        base, sweep = load_sweep_spec(path)
+        res = run_sweep(base, sweep.points(), out_dir, report=kwargs.get("report", True),
+                        quiet=kwargs.get("quiet", True), log=kwargs.get("log"))
+        rows = [study_row(rd) for rd in res.run_dirs]
+        return RankStudyResult(Path(res.out_dir), tuple(rows), tuple(res.run_dirs), format_table(rows), res.report)
     base, spec = load_study(path)
     return run_rank_study(base, spec.ranks, out_dir, spec=spec, **kwargs)
+
+
+def _is_sweep_file(path: str | Path) -> bool:
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) if p.is_file() else None
+    except yaml.YAMLError:
+        return False
+    return isinstance(raw, dict) and "base" not in raw and "sweep" in raw
 
 
 __all__ = [

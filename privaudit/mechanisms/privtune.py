@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from privaudit.audit.events import Event, PlaintextEvent, format_validation_error
-from privaudit.config import PrivacyPlan, RunConfig, resolve_plan
+from privaudit.config import PrivacyPlan, RunConfig, parse_options
 from privaudit.data import Record
 from privaudit.mechanisms.dchi import NoiseSettings, TokenNoiser, VocabGeometry, build_geometry
 from privaudit.mechanisms.dp_lora import FitResult
@@ -53,13 +53,15 @@ from privaudit.mechanisms.training import (
     ProgressFn,
     encode,
     evaluate,
-    generator_state,
+    fit_setup,
+    loop_rng_state,
     make_optimizer,
-    optimizer_from_flat,
     per_sample_losses,
-    set_generator_state,
-    set_torch_rng_state,
-    torch_rng_state,
+    require_mechanism,
+    restore_loop_state,
+    resume_checkpoint,
+    run_steps,
+    save_checkpoint,
     trainable_parameters,
 )
 
@@ -108,21 +110,7 @@ class PrivTuneSettings(NoiseSettings):
 
 def settings_of(cfg: RunConfig) -> PrivTuneSettings:
     """Validate ``cfg.options`` as :class:`PrivTuneSettings` (``ValueError`` naming ``options.<field>``)."""
-    try:
-        return PrivTuneSettings.model_validate(cfg.options)
-    except ValidationError as exc:
-        return _raise_options(exc)
-
-
-def _raise_options(exc: ValidationError) -> Any:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if not loc:
-        head, sep, rest = msg.partition(": ")
-        if sep and head in PrivTuneSettings.model_fields:
-            loc, msg = head, rest
-    raise ValueError(f"options.{loc}: {msg}" if loc else f"options: {msg}") from None
+    return parse_options(PrivTuneSettings, cfg.options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,6 +492,48 @@ def planned_events(cfg: RunConfig, plan: PrivacyPlan) -> list[Event]:
     return events + [_label_event(cfg, plan.steps * per_step)]
 
 
+AUDIT_RELEASED_MODEL = True  # the auditor also attacks the released model (membership, canaries)
+
+
+def privacy_section(ledger: Any, plan: PrivacyPlan, cfg: RunConfig, metrics: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """The manifest's privacy section of a PrivTune run (hook of :mod:`privaudit.runs`).
+
+    d_χ modes: the (ε, δ) accountants do not apply (they refuse ``dchi`` events by design), so
+    ``epsilon`` is None for each and ``guarantee`` is ``"none"`` *as an (ε, δ) guarantee*; the token
+    representations' metric-DP guarantee is ``metric_dp`` (the fit's report: η per unit distance, ε at
+    the vocabulary's median nearest-neighbour distance, shifted/conditional caveats). The labels reach
+    the server in plaintext, which no guarantee covers. Other modes (``gaussian``, ``none``): the
+    accountants' section (the plaintext labels make it "no guarantee")."""
+    from privaudit.audit.events import DchiEvent
+    from privaudit.runs import ACCOUNTANTS, epsilon_section
+
+    events = list(ledger.events)
+    if not any(isinstance(e, DchiEvent) for e in events):
+        return epsilon_section(ledger, plan.delta)
+    report = (metrics or {}).get("metric_dp")
+    plain = sorted({e.what for e in events if isinstance(e, PlaintextEvent)})
+    reason = ("no (ε, δ) guarantee against the server: the token representations are released with d_χ noise, "
+              "a metric-DP guarantee (see metric_dp), not an (ε, δ) one")
+    if plain:
+        reason += "; sent in plaintext (no guarantee): " + "; ".join(plain)
+    return {"epsilon": {name: None for name in ACCOUNTANTS}, "guarantee": "none", "reason": reason,
+            "metric_dp": report if report is not None else {
+                "guarantee": "metric_dp", "note": "the metric-DP report was not computed for this run"}}
+
+
+def load_released_model(cfg: RunConfig, num_labels: int, device: torch.device,
+                        state: dict[str, torch.Tensor]) -> tuple[nn.Module, Any]:
+    """The released model of a PrivTune run (bottom + trained top, LoRA or full), without the split's
+    hooks: it computes on clean inputs, as whoever receives the model would run it."""
+    from privaudit.models import load_trainable_state_dict
+
+    split = build_split_model(cfg, settings_of(cfg), num_labels, device)
+    split.remove_hooks()
+    load_trainable_state_dict(split.model, state)
+    return split.model, split.tokenizer
+
+
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
@@ -533,20 +563,12 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     and cached). Metrics: ``heldout`` (utility), ``releases_per_record`` (max over records),
     ``metric_dp`` (the report, d_χ modes), ``mean_shift_norm`` and ``min_scale`` statistics."""
     from privaudit.mechanisms.sampling import make_sampler
-    from privaudit.models import resolve_device, trainable_state_dict
+    from privaudit.models import trainable_state_dict
 
-    if cfg.mechanism != NAME:
-        raise ValueError(f"mechanism: {cfg.mechanism!r} is not {NAME!r}")
+    require_mechanism(cfg, NAME)
     settings = settings_of(cfg)
     train_records = list(train_records)
-    if plan is None:
-        plan = resolve_plan(cfg, len(train_records))
-    if plan.dataset_size != len(train_records):
-        raise ValueError(f"plan: made for {plan.dataset_size} records, got {len(train_records)}")
-    if num_labels is None:
-        labels = [r.label for r in train_records + list(heldout_records)]
-        num_labels = max(2, max(labels) + 1)
-    device = resolve_device(cfg.model.device)
+    plan, num_labels, device = fit_setup(cfg, train_records, heldout_records, plan, num_labels)
     split = build_split_model(cfg, settings, num_labels, device)
     geo = geometry.with_hops(settings.hops) if geometry is not None else vocabulary_geometry(split, cfg, settings)
     geo = geo.to(device)
@@ -588,31 +610,37 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     step = 0
     resumed_from: int | None = None
     if resume:
-        if checkpointer is None:
-            raise ValueError("resume: needs a checkpoint directory")
-        ckpt = checkpointer.latest()
-        if ckpt is None:
-            raise ValueError(f"resume: no checkpoint under {checkpointer.directory}")
-        from privaudit.models import load_trainable_state_dict
-
-        weights = {k: v for k, v in ckpt.weights.items() if not k.startswith("__theta0__.")}
-        theta_0 = {k[len("__theta0__."):]: v for k, v in ckpt.weights.items() if k.startswith("__theta0__.")}
-        load_trainable_state_dict(model, weights)
-        optimizer_from_flat(optimizer, ckpt.optimizer_tensors, ckpt.state["optimizer"])
-        sampler.load_state_dict(ckpt.state["sampler"])
-        set_generator_state(noise_gen, ckpt.state["noise_generator"])
-        set_torch_rng_state(ckpt.state["torch_rng"])
+        ckpt = resume_checkpoint(checkpointer)
+        theta_0 = ckpt.theta_0
+        restore_loop_state(model, optimizer, sampler, noise_gen, ckpt.trainable, ckpt.optimizer_tensors, ckpt.state)
         counts = np.asarray(ckpt.state["release_counts"], dtype=np.int64)
         step = resumed_from = ckpt.step
 
-    def save() -> None:
+    def save(at: int) -> None:
         if checkpointer is None:
             return
-        weights = trainable_state_dict(model)
-        weights.update({f"__theta0__.{k}": v for k, v in theta_0.items()})
-        checkpointer.save(step, weights, optimizer, {
-            "sampler": sampler.state_dict(), "noise_generator": generator_state(noise_gen),
-            "torch_rng": torch_rng_state(), "release_counts": counts.tolist(), "plan": plan.to_json()})
+        save_checkpoint(checkpointer, at, model, theta_0, optimizer, {
+            **loop_rng_state(sampler, noise_gen), "release_counts": counts.tolist(), "plan": plan.to_json()})
+
+    def one_step() -> dict[str, Any]:
+        indices = sampler.next_batch()
+        if not len(indices):
+            return {"batch_size": 0}
+        split.train(True)
+        recs = [train_records[int(i)] for i in indices]
+        counts[indices] += 1
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        chunk = cfg.training.physical_batch_size
+        for s in range(0, len(recs), chunk):
+            part = recs[s:s + chunk]
+            batch = encode(tok, part, cfg, device)
+            loss = per_sample_losses(model, batch, cfg.task).sum() / len(recs)
+            loss.backward()
+            total += float(loss.detach())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"batch_size": len(recs), "loss": total}
 
     metrics: dict[str, Any] = {}
     try:
@@ -623,37 +651,13 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
                 split.release_fn = eval_release
                 metrics["heldout_before"] = evaluate(model, tok, list(heldout_records), cfg, device)
                 split.release_fn = training_release
-            save()
+            save(step)
         if step < plan.steps:
             # the labels of every remaining step, once, before the first of them (fail-closed count)
             per_step = plan.batch_size if plan.batch_size is not None else max(
                 1, math.ceil(plan.sample_rate * plan.dataset_size))
             record(_label_event(cfg, (plan.steps - step) * per_step))
-        while step < plan.steps:
-            indices = sampler.next_batch()
-            step += 1
-            if len(indices):
-                split.train(True)
-                recs = [train_records[int(i)] for i in indices]
-                counts[indices] += 1
-                optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                chunk = cfg.training.physical_batch_size
-                for s in range(0, len(recs), chunk):
-                    part = recs[s:s + chunk]
-                    batch = encode(tok, part, cfg, device)
-                    loss = per_sample_losses(model, batch, cfg.task).sum() / len(recs)
-                    loss.backward()
-                    total += float(loss.detach())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                info = {"batch_size": len(recs), "loss": total}
-            else:
-                info = {"batch_size": 0}
-            if checkpointer is not None and checkpointer.due(step) and step < plan.steps:
-                save()
-            if progress is not None:
-                progress(step, plan.steps, info)
+        step = run_steps(one_step, step, plan.steps, checkpointer=checkpointer, save=save, progress=progress)
         split.release_fn = eval_release
         split.train(False)
         metrics["heldout"] = evaluate(model, tok, list(heldout_records), cfg, device)
@@ -916,3 +920,16 @@ def summarise_study(rows: Sequence[dict[str, Any]], max_utility_drop: float = 0.
         out["modes"][mode] = {"eta": best["eta"], "utility": best["utility"], "utility_drop": best["utility_drop"],
                               "attacks": {a["name"]: headline(a) for a in best["attacks"]}}
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the auditor's attacks on the server's view (registered when this module is imported)
+# ----------------------------------------------------------------------------------------------
+def _register_view_attacks() -> None:
+    from privaudit.audit.auditor import register_view_attack
+    from privaudit.audit.view_attacks import privtune_server_view
+
+    register_view_attack(NAME, privtune_server_view)
+
+
+_register_view_attacks()

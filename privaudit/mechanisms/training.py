@@ -24,15 +24,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privaudit.config import RunConfig
+from privaudit.config import PrivacyPlan, RunConfig, resolve_plan
 from privaudit.data import Corpus, Record, dataset_fingerprint, generate_corpus, load_records_with_labels
+from privaudit.durable import fsync_dir, fsync_file
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
 
@@ -234,16 +235,11 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, sort_keys=True, indent=1, allow_nan=False), encoding="utf-8")
+
+
+THETA0_PREFIX = "__theta0__."  # θ₀ is saved with every checkpoint, under this key prefix
 
 
 @dataclass(frozen=True)
@@ -252,6 +248,16 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     optimizer_tensors: dict[str, torch.Tensor]
     state: dict[str, Any]
+
+    @property
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """The trainable weights after ``step`` updates (θ₀ left out)."""
+        return {k: v for k, v in self.weights.items() if not k.startswith(THETA0_PREFIX)}
+
+    @property
+    def theta_0(self) -> dict[str, torch.Tensor]:
+        """The run's initial trainable parameters θ₀, saved with the checkpoint."""
+        return {k[len(THETA0_PREFIX):]: v for k, v in self.weights.items() if k.startswith(THETA0_PREFIX)}
 
 
 class Checkpointer:
@@ -288,11 +294,11 @@ class Checkpointer:
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, **state, "complete": True})
         for f in tmp.iterdir():
-            _fsync_file(f)
+            fsync_file(f)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         for old in self.directory.iterdir():
             if old.name.startswith("step-") and old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -320,17 +326,95 @@ class Checkpointer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+def save_checkpoint(checkpointer: Checkpointer, step: int, model: nn.Module, theta_0: Mapping[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> Path:
+    """Checkpoint ``model``'s trainable weights after ``step`` updates, with θ₀ (see
+    :attr:`Checkpoint.theta_0`), the optimizer and the JSON ``state`` (secret: holds RNG states)."""
+    from privaudit.models import trainable_state_dict
+
+    weights = trainable_state_dict(model)
+    weights.update({f"{THETA0_PREFIX}{k}": v for k, v in theta_0.items()})
+    return checkpointer.save(step, weights, optimizer, state)
+
+
+def resume_checkpoint(checkpointer: Checkpointer | None) -> Checkpoint:
+    """The checkpoint a ``resume=True`` fit continues from: ``checkpointer``'s newest one."""
+    if checkpointer is None:
+        raise ValueError("resume: needs a checkpoint directory")
+    ckpt = checkpointer.latest()
+    if ckpt is None:
+        raise ValueError(f"resume: no checkpoint under {checkpointer.directory}")
+    return ckpt
+
+
+def loop_rng_state(sampler: Any, noise_gen: torch.Generator) -> dict[str, Any]:
+    """The secret RNG states of a step loop, JSON-able: the batch sampler's, the noise generator's
+    and the global torch RNG's (keys ``sampler``, ``noise_generator``, ``torch_rng``)."""
+    return {"sampler": sampler.state_dict(), "noise_generator": generator_state(noise_gen),
+            "torch_rng": torch_rng_state()}
+
+
+def restore_loop_state(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: Any, noise_gen: torch.Generator,
+                       weights: Mapping[str, torch.Tensor], opt_tensors: Mapping[str, torch.Tensor],
+                       state: Mapping[str, Any]) -> None:
+    """Put a checkpoint's trainable ``weights``, optimizer state and :func:`loop_rng_state` back."""
+    from privaudit.models import load_trainable_state_dict
+
+    load_trainable_state_dict(model, weights)
+    optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    set_generator_state(noise_gen, state["noise_generator"])
+    set_torch_rng_state(state["torch_rng"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the scaffolding of a mechanism's fit()
+# ----------------------------------------------------------------------------------------------
+def require_mechanism(cfg: RunConfig, name: str) -> None:
+    """Refuse a config made for another mechanism."""
+    if cfg.mechanism != name:
+        raise ValueError(f"mechanism: {cfg.mechanism!r} is not {name!r}")
+
+
+class FitSetup(NamedTuple):
+    plan: PrivacyPlan
+    num_labels: int
+    device: torch.device
+
+
+def fit_setup(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequence[Record],
+              plan: PrivacyPlan | None = None, num_labels: int | None = None) -> FitSetup:
+    """The privacy plan (``resolve_plan`` unless given; it must be made for ``len(train_records)``
+    records), the number of labels (unless given: max label + 1 over both splits, at least 2) and the
+    device of a fit."""
+    from privaudit.models import resolve_device
+
+    if plan is None:
+        plan = resolve_plan(cfg, len(train_records))
+    if plan.dataset_size != len(train_records):
+        raise ValueError(f"plan: made for {plan.dataset_size} records, got {len(train_records)}")
+    if num_labels is None:
+        labels = [r.label for r in list(train_records) + list(heldout_records)]
+        num_labels = max(2, max(labels) + 1)
+    return FitSetup(plan, num_labels, resolve_device(cfg.model.device))
+
+
+def run_steps(step: Callable[[], dict[str, Any]], done: int, total: int, *, checkpointer: Checkpointer | None = None,
+              save: Callable[[int], Any] | None = None, progress: ProgressFn | None = None,
+              save_final: bool = False) -> int:
+    """Call ``step`` (one update; returns its progress info) until ``total`` updates are done,
+    ``done`` of them already; returns ``total``. After update k: ``save(k)`` when ``checkpointer`` is
+    due at k (not after the last update unless ``save_final``: the run's result replaces that
+    checkpoint), then ``progress(k, total, info)``."""
+    k = done
+    while k < total:
+        info = step()
+        k += 1
+        if checkpointer is not None and save is not None and checkpointer.due(k) and (save_final or k < total):
+            save(k)
+        if progress is not None:
+            progress(k, total, info)
+    return k
 
 
 # ----------------------------------------------------------------------------------------------

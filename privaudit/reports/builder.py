@@ -37,6 +37,9 @@ _CAPTIONS = {
     "empirical_vs_accounted": "Empirical ε lower bound against the accounted ε. Points above y = x (or "
                               "above a claimed ε bar) are violations.",
     "eps_over_steps": "ε spent as training proceeds, recomputed from each ledger on its first k steps.",
+    "attack_vs_rank": "Membership/canary AUC and the empirical ε lower bound against the LoRA rank (A "
+                      "public vs secret, with and without noise), beside any claimed ε and the accounted "
+                      "ε of noisy runs.",
 }
 
 
@@ -91,6 +94,8 @@ def build_report(run_dirs: Sequence[str | Path], out_pdf: str | Path, *,
     for name, fn in F.COMPARISON_FIGURES.items():
         say(f"figure: {name}")
         fig = fn(records)
+        if name in F.OPTIONAL_FIGURES and not F.has_data(fig):
+            continue  # does not apply to these runs (e.g. all at one rank)
         figures[name] = F.save_png(fig, fig_dir / f"{name}.png")
         if F.has_data(fig):
             summary.append((_CAPTIONS[name], figures[name]))

@@ -389,9 +389,137 @@ def eps_over_steps(records: Sequence[RunRecord]) -> Figure:
     return fig
 
 
+def _rank_group(r: RunRecord) -> str:
+    """Series label of a run in the rank figure: A public/secret and its noise level."""
+    parts = [] if r.a_secret is None else [f"A {'secret' if r.a_secret else 'public'}"]
+    sigma = r.noise_multiplier or 0.0
+    parts.append(f"σ = {sigma:.3g}" if sigma > 0 else "no noise")
+    return ", ".join(parts)
+
+
+def attack_vs_rank(records: Sequence[RunRecord]) -> Figure:
+    """Membership AUC (left) and the empirical ε lower bound (right) against the LoRA rank, one line
+    style per series (A public / secret × noise level), a marker per attack; claimed ε and the
+    accounted ε of noisy runs as reference lines. Only for runs that differ in rank (else "no data")."""
+    fig = _figure((11.0, 4.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    ranked = [r for r in records if r.lora_rank is not None]
+    if len({r.lora_rank for r in ranked}) < 2:
+        _no_data(ax1, "the runs do not differ in LoRA rank")
+        ax2.set_axis_off()
+        return fig
+    groups: dict[str, list[RunRecord]] = {}
+    for r in ranked:
+        groups.setdefault(_rank_group(r), []).append(r)
+    attacks = sorted({a.name for r in ranked for a in r.attacks if a.auc is not None})
+    ranks = sorted({r.lora_rank for r in ranked if r.lora_rank})
+    for g, (label, rs) in enumerate(sorted(groups.items())):
+        rs = sorted(rs, key=lambda r: r.lora_rank or 0)
+        ls = LINESTYLES[g % len(LINESTYLES)]
+        colour = COLOURS[g % len(COLOURS)]
+        for j, name in enumerate(attacks):
+            pts = [(r.lora_rank, a.auc, a.auc_ci) for r in rs for a in r.attacks if a.name == name
+                   and a.auc is not None]
+            if not pts:
+                continue
+            ys = [p[1] for p in pts]
+            err = [[max(0.0, y - (ci[0] if ci else y)) for _, y, ci in pts],
+                   [max(0.0, (ci[1] if ci else y) - y) for _, y, ci in pts]]
+            ax1.errorbar([p[0] for p in pts], ys, yerr=err, marker=MARKERS[j % len(MARKERS)], linestyle=ls,
+                         color=colour, capsize=2, markersize=5, markerfacecolor="white",
+                         label=f"{label}: {name}")
+        low = [(r.lora_rank, r.epsilon_lower) for r in rs if r.epsilon_lower is not None]
+        if low:
+            ax2.plot([x for x, _ in low], [y for _, y in low], marker=MARKERS[g % len(MARKERS)], linestyle=ls,
+                     color=colour, markerfacecolor="white", label=f"{label}: ε lower bound")
+        acc = [(r.lora_rank, r.primary_epsilon[0]) for r in rs]
+        if all(e is not None and math.isfinite(e) for _, e in acc):
+            ax2.plot([x for x, _ in acc], [e for _, e in acc], linestyle=ls, color="black", linewidth=1,
+                     marker="_", markersize=10, label=f"{label}: accounted ε")
+    claims = sorted({c.epsilon for r in ranked for c in r.claims})
+    for k, c in enumerate(claims):
+        ax2.axhline(c, color=COLOURS[1], linestyle=LINESTYLES[(k + 1) % len(LINESTYLES)], linewidth=1.2,
+                    label=f"claimed ε = {c:g}")
+    ax1.axhline(0.5, color="0.4", linestyle=":", linewidth=1, label="chance (AUC 0.5)")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(x) for x in ranks])
+        ax.minorticks_off()
+        ax.set_xlabel("LoRA rank r")
+        ax.grid(True, color="0.9")
+        ax.legend(fontsize=6, loc="best", framealpha=0.9)
+    ax1.set_ylabel("attack AUC (bars: confidence interval)")
+    ax1.set_title("Membership / canary AUC vs rank", fontsize=11)
+    conf = next((r.epsilon_lower_confidence for r in ranked if r.epsilon_lower_confidence), None)
+    ax2.set_ylabel("empirical ε lower bound" + (f" ({conf:.0%} confidence)" if conf else ""))
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("Empirical ε lower bound vs rank", fontsize=11)
+    return fig
+
+
+#: Figures drawn only when they apply (no "not shown" note otherwise).
+OPTIONAL_FIGURES: frozenset[str] = frozenset({"attack_vs_rank"})
+
 COMPARISON_FIGURES: dict[str, Any] = {
     "eps_vs_utility": eps_vs_utility,
     "attack_success_vs_eps": attack_success_vs_eps,
     "empirical_vs_accounted": empirical_vs_accounted,
     "eps_over_steps": eps_over_steps,
+    "attack_vs_rank": attack_vs_rank,
 }
+
+
+# --------------------------------------------------------------------------------------- studies
+def attack_success_vs_utility_drop(rows: Sequence[dict[str, Any]]) -> Figure:
+    """PrivTune study (:func:`privaudit.mechanisms.privtune.run_study` rows): each attack's success
+    against the utility drop, one series per noise mode (markers) and attack (line style). Left:
+    inversion token recovery; right: attribute-inference accuracy with the majority baseline (dotted).
+    Rows without a utility drop (no ``none`` point in the grid) are left out and counted in a note."""
+    fig = _figure((9.6, 4.0))
+    ax_inv, ax_att = fig.subplots(1, 2)
+    usable = [r for r in rows if isinstance(r.get("utility_drop"), (int, float))]
+    if not usable:
+        fig.set_label(NO_DATA_LABEL)
+        _no_data(ax_inv, "no study row has a utility drop")
+        _no_data(ax_att, "")
+        return fig
+    modes = list(dict.fromkeys(r["mode"] for r in usable))
+    names = list(dict.fromkeys(a["name"] for r in usable for a in r.get("attacks", [])))
+    baselines: list[float] = []
+    for ax, kind, key in ((ax_inv, "inversion", "token_recovery"), (ax_att, "attribute", "accuracy")):
+        for j, name in enumerate(n for n in names if n.startswith(kind)):
+            for i, mode in enumerate(modes):
+                pts = []
+                for r in usable:
+                    if r["mode"] != mode:
+                        continue
+                    a = next((a for a in r.get("attacks", []) if a["name"] == name), None)
+                    v = (a or {}).get("metrics", {}).get(key)
+                    if isinstance(v, (int, float)):
+                        pts.append((float(r["utility_drop"]), float(v)))
+                        if kind == "attribute" and isinstance(a["metrics"].get("majority_baseline"), (int, float)):
+                            baselines.append(float(a["metrics"]["majority_baseline"]))
+                if not pts:
+                    continue
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[i % len(MARKERS)],
+                        linestyle=LINESTYLES[j % len(LINESTYLES)], color=COLOURS[i % len(COLOURS)],
+                        markerfacecolor="none" if j % 2 else COLOURS[i % len(COLOURS)],
+                        label=f"{mode} · {name.split('_', 1)[1]}")
+        ax.set_xlabel("utility drop (clean − noisy accuracy)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+    if baselines:
+        ax_att.axhline(sorted(baselines)[len(baselines) // 2], color="black", linestyle=":", linewidth=1,
+                       label="majority baseline")
+    ax_inv.set_ylabel("token recovery")
+    ax_inv.set_title("Inversion of the server's view", fontsize=11)
+    ax_att.set_ylabel("attribute accuracy")
+    ax_att.set_title("Attribute inference", fontsize=11)
+    for ax in (ax_inv, ax_att):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6.5, loc="best")
+    left_out = len(rows) - len(usable)
+    if left_out:
+        _note(ax_inv, f"{left_out} row(s) without a utility drop not shown")
+    return fig

@@ -355,6 +355,8 @@ def _run_section(r: RunRecord, figures: Sequence[tuple[str, Path]], width: float
               Spacer(1, 2),
               _table(rows, [0.22 * width] + [0.78 * width / n] * n, st)]
 
+    story += mechanism_guarantee_block(r, width, st)
+
     # claimed vs accounted vs empirical
     rows = [["kind", "ε", "δ", "source / method", "scope / status"]]
     for a in r.accounted:
@@ -373,10 +375,15 @@ def _run_section(r: RunRecord, figures: Sequence[tuple[str, Path]], width: float
 
     # attacks
     story.append(_p(H["attacks"], st["h2"]))
-    if r.attacks:
+    view = [a for a in r.attacks if a.kind in ("inversion", "attribute")]
+    if view:
+        story.append(view_attack_table(view, width, st))
+    if r.attacks and len(view) < len(r.attacks):
         rows = [["attack", "kind", "AUC [CI]", "TPR at 0.1% FPR", "TPR at 1% FPR", "other metrics",
                  "ε lower"]]
         for a in r.attacks:
+            if a.kind in ("inversion", "attribute"):
+                continue
             ci = a.auc_ci
             auc = format_number(a.auc) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") if a.auc is not None \
                 else "—"
@@ -388,7 +395,7 @@ def _run_section(r: RunRecord, figures: Sequence[tuple[str, Path]], width: float
             rows.append([a.name, a.kind, auc, _fmt_metric(a.metrics.get("tpr_at_0.1%_fpr")),
                          _fmt_metric(a.metrics.get("tpr_at_1%_fpr")), other or "—", el])
         story.append(_table(rows, [width * f for f in (0.17, 0.11, 0.17, 0.1, 0.1, 0.23, 0.12)], st))
-    else:
+    elif not r.attacks:
         story.append(_p("No audit results (no audit.json)." if not r.has_audit else "audit.json lists no "
                         "attack.", st["body"]))
 
@@ -437,6 +444,73 @@ def _run_section(r: RunRecord, figures: Sequence[tuple[str, Path]], width: float
         story.append(_p(H["warnings"], st["h2"]))
         story += [Paragraph(escape(w), st["bullet"], bulletText="!") for w in r.warnings]
     return story
+
+
+def _rate_ci(m: Mapping[str, Any], key: str) -> str:
+    v = m.get(key)
+    if not isinstance(v, (int, float)):
+        return "—"
+    ci = m.get(f"{key}_ci")
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "")
+
+
+def view_attack_table(attacks: Sequence[Any], width: float, st: dict[str, ParagraphStyle]) -> Table:
+    """Inversion and attribute attacks on an observer's view: success [CI] against chance / majority."""
+    rows: list[list[Any]] = [["attack on the view", "success [95% CI]", "chance / majority", "PII exact [CI]",
+                              "n", "note"]]
+    for a in attacks:
+        m = a.metrics
+        if m.get("skipped"):
+            rows.append([a.name, "—", "—", "—", "—", f"skipped: {m['skipped']}"])
+            continue
+        if a.kind == "inversion":
+            rows.append([a.name, "token recovery " + _rate_ci(m, "token_recovery"),
+                         _fmt_metric(m.get("chance_rate")), _rate_ci(m, "pii_exact"),
+                         f"{m.get('n_tokens', '—')} tokens / {m.get('n_records', '—')} records",
+                         "above chance" if m.get("beats_chance") else "not above chance"])
+        else:
+            rows.append([a.name, "accuracy " + _rate_ci(m, "accuracy"), _fmt_metric(m.get("majority_baseline")),
+                         "—", str(m.get("n_test", "—")),
+                         "beats the majority baseline" if m.get("beats_baseline") else "not above the baseline"])
+    return _table(rows, [width * f for f in (0.25, 0.22, 0.12, 0.15, 0.12, 0.14)], st)
+
+
+def mechanism_guarantee_block(r: RunRecord, width: float, st: dict[str, ParagraphStyle]) -> list[Any]:
+    """The mechanism's own guarantees beside the (ε, δ) accountants: PrivTune's metric-DP report;
+    HE-LoRA's guarantee against the worker and the released adapter's (none without DP noise)."""
+    mp = r.mechanism_privacy
+    if not mp:
+        return []
+    pairs: list[tuple[str, Any]] = []
+    md = mp.get("metric_dp")
+    if md:
+        pairs += [
+            ("metric-DP guarantee", md.get("guarantee")),
+            ("η per unit distance", format_number(md.get("eta"), 4) if md.get("eta") is not None else None),
+            ("η per dimension", format_number(md.get("eta_per_dimension"), 4)
+             if md.get("eta_per_dimension") is not None else None),
+            ("ε at the median NN distance", (f"{format_number(md.get('epsilon_at_median_nn'))} (distance "
+                                             f"{format_number(md.get('median_nn_distance'))})")
+             if md.get("epsilon_at_median_nn") is not None else None),
+            ("composed over releases", format_number(md.get("epsilon_composed_at_median_nn"))
+             if md.get("epsilon_composed_at_median_nn") is not None else None),
+            ("token releases", md.get("token_releases")),
+        ]
+        pairs += [(f"caveat {i + 1}", c) for i, c in enumerate(md.get("caveats") or [])]
+        pairs += [("not covered", o) for o in md.get("other_releases") or []]
+    worker = mp.get("against_worker")
+    if worker:
+        pairs += [("against the worker", worker.get("statement")), ("mode", worker.get("mode")),
+                  ("scheme / security", f"{worker.get('scheme')} / {worker.get('security_bits')} bits"),
+                  ("encrypted exchanges", worker.get("encrypted_events")),
+                  ("bytes to / from the worker", f"{worker.get('bytes_to_worker')} / {worker.get('bytes_from_worker')}"),
+                  ("timing", worker.get("timing"))]
+    released = mp.get("released_model")
+    if released:
+        g = released.get("guarantee")
+        pairs.append(("released model", "NO GUARANTEE: " + str(released.get("reason")) if g == "none"
+                      else f"{g}: {released.get('reason')}"))
+    return [_p("Mechanism guarantees (beside the (ε, δ) accountants)", st["h2"]), _kv_table(pairs, width, st)]
 
 
 def _fmt_metric(v: Any) -> str:

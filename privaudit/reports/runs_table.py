@@ -28,6 +28,7 @@ ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld", "prv")
 PRIMARY_ORDER: tuple[str, ...] = ("pld", "prv", "rdp")  # preferred accountant for a single ε value
 _RELEASE_TYPES = ("gaussian", "laplace", "dchi", "sketch", "encrypted", "plaintext")
 _MISMATCH_RTOL = 1e-3
+_MECHANISM_PARTS = ("metric_dp", "against_worker", "released_model")
 
 
 # --------------------------------------------------------------------------------------- formats
@@ -179,6 +180,11 @@ class RunRecord:
     status: str | None
     has_audit: bool
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    lora_rank: int | None = None  # the config's lora.rank (None: not a LoRA run / not recorded)
+    a_secret: bool | None = None  # lora_sketch: A kept secret (None: not a frozen-A run)
+    # mechanism-specific guarantees from the manifest's privacy section: ``metric_dp`` (PrivTune's
+    # metric-DP report), ``against_worker`` and ``released_model`` (HE-LoRA); empty when none
+    mechanism_privacy: Mapping[str, Any] = field(default_factory=dict)
 
     # -- derived ------------------------------------------------------------------------------
     def accountant(self, name: str) -> AccountedEpsilon | None:
@@ -443,6 +449,19 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
             no_guarantee = segments_from_events(events, header.neighbouring).no_guarantee
         except ValueError:
             pass  # e.g. a metric-DP event: the accountants say why, per accountant
+    # fail-closed: a mechanism's own statement that the released model has no guarantee (HE-LoRA without
+    # owner-side noise, in the manifest or the ledger header), or that its releases have no (ε, δ) form
+    # (PrivTune's metric DP), overrides an ε the accountants would compute from the ledger alone
+    mech_privacy = {k: dict(privacy[k]) for k in _MECHANISM_PARTS if isinstance(privacy.get(k), Mapping)}
+    released = mech_privacy.get("released_model") or {}
+    header_he = (getattr(header, "model_extra", None) or {}).get("he_lora") if header is not None else None
+    if no_guarantee is None and released.get("guarantee") == "none":
+        no_guarantee = f"released model: {released.get('reason') or 'no guarantee'}"
+    elif no_guarantee is None and isinstance(header_he, Mapping) and str(header_he.get("released_model", "")
+                                                                         ).startswith("none"):
+        no_guarantee = f"released model: {header_he.get('released_model')}"
+    elif no_guarantee is None and "metric_dp" in mech_privacy and privacy.get("guarantee") == "none":
+        no_guarantee = _str(privacy.get("reason")) or "no (ε, δ) guarantee (metric DP only)"
     accounted: list[AccountedEpsilon] = []
     man_eps = privacy.get("epsilon") if isinstance(privacy.get("epsilon"), Mapping) else {}
     can_recompute = header is not None and delta is not None and ledger_status == "intact"
@@ -576,6 +595,10 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
         versions={str(k): str(v) for k, v in versions.items()},
         created=_str(manifest.get("created")), status=_str(manifest.get("status")),
         has_audit=bool(audit), warnings=tuple(warnings),
+        lora_rank=_int(_get(manifest, "config", "lora", "rank")),
+        a_secret=(bool(_get(manifest, "config", "options", "a_secret"))
+                  if mechanism == "lora_sketch" else None),
+        mechanism_privacy=mech_privacy,
     )
 
 
@@ -664,6 +687,17 @@ def run_row(r: RunRecord) -> dict[str, Any]:
         "verdict": r.verdict, "recheck": r.recheck, "ledger_status": r.ledger_status,
         "ledger_head": r.ledger_head, "warnings": " | ".join(r.warnings) or None,
     })
+    md = r.mechanism_privacy.get("metric_dp") or {}
+    worker = r.mechanism_privacy.get("against_worker") or {}
+    released = r.mechanism_privacy.get("released_model") or {}
+    row.update({
+        "metric_dp_guarantee": md.get("guarantee"), "metric_dp_eta": md.get("eta"),
+        "metric_dp_epsilon_at_median_nn": md.get("epsilon_at_median_nn"),
+        "metric_dp_median_nn_distance": md.get("median_nn_distance"),
+        "against_worker": worker.get("statement"), "worker_bytes_to": worker.get("bytes_to_worker"),
+        "worker_bytes_from": worker.get("bytes_from_worker"),
+        "released_model_guarantee": released.get("guarantee"), "released_model_reason": released.get("reason"),
+    })
     return row
 
 
@@ -700,6 +734,7 @@ def record_to_json(r: RunRecord) -> dict[str, Any]:
     out["epsilon_over_steps"] = {"accountant": r.eps_over_steps_accountant,
                                  "steps": [k for k, _ in r.eps_over_steps],
                                  "epsilon": [_json_eps(e) for _, e in r.eps_over_steps]}
+    out["mechanism_privacy"] = dict(r.mechanism_privacy)
     out["event_counts"] = dict(r.event_counts)
     out["versions"] = dict(r.versions)
     out["warnings"] = list(r.warnings)

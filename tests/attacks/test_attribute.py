@@ -12,12 +12,7 @@ from privaudit.attacks.attribute import attribute_attacks, pool_representations
 from privaudit.mechanisms.dchi import sample_dchi
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 CLASSES = ["diabetes", "asthma", "hypertension", "depression"]

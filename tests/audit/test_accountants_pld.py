@@ -216,3 +216,12 @@ def test_tiny_delta_is_refused_not_misreported() -> None:
     assert PLDAccountant()._epsilon(seg, 1e-9).epsilon < compute_epsilon(
         [GaussianEvent(noise_multiplier=1.0, sample_rate=0.01, count=100)], 1e-9, accountant="rdp"
     ).epsilon
+
+
+def test_noise_beyond_numeric_range_is_a_value_error_naming_the_field() -> None:
+    """σ = 0.015, 10 full-batch releases: the privacy loss overflows the PLD grid; the accountant says
+    so as a ValueError (CLI: one line, exit 2), never an OverflowError or a made-up ε."""
+    with pytest.raises(ValueError, match="^noise_multiplier: .*rdp"):
+        compute_epsilon([GaussianEvent(noise_multiplier=0.015, sampling="full", count=10)], 1e-5, "pld")
+    assert math.isfinite(compute_epsilon([GaussianEvent(noise_multiplier=0.015, sampling="full", count=10)],
+                                         1e-5, "rdp").epsilon)

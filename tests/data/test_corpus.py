@@ -110,7 +110,7 @@ def test_utility_label_is_learnable_from_text() -> None:
 
 def test_sensitive_attribute_leaks_learnably_but_not_trivially() -> None:
     """Clinical notes of unseen people reveal the condition clearly above the majority baseline,
-    but far from perfectly; bios reveal nothing beyond the baseline."""
+    but far from perfectly; bios (a condition routine in 40% of them) reveal it less well."""
     c = generate_corpus(n_people=800, records_per_person=2, n_canaries=0, seed=12)
     train, test = c.split(0.4, seed=0, unit="person")
 
@@ -124,7 +124,26 @@ def test_sensitive_attribute_leaks_learnably_but_not_trivially() -> None:
     assert acc > majority + 0.2, (acc, majority)
     assert acc < 0.95, acc
     acc_bio, majority_bio = score("bio")
-    assert acc_bio < majority_bio + 0.1, (acc_bio, majority_bio)
+    assert acc_bio < acc - 0.1, (acc_bio, acc)
+    for kind in ("email", "support_ticket", "product_review"):
+        acc_k, majority_k = score(kind)
+        assert majority_k + 0.05 < acc_k < 0.95, (kind, acc_k, majority_k)
+
+
+def test_condition_asides_leave_people_labels_and_canaries_unchanged(monkeypatch) -> None:
+    """The asides come from their own generator: switching them off changes texts only."""
+    import privaudit.data.corpus as corpus_mod
+
+    with_cues = generate_corpus(n_people=60, records_per_person=4, n_canaries=8, seed=5)
+    monkeypatch.setattr(corpus_mod, "P_EMAIL_CUE", 0.0)
+    monkeypatch.setattr(corpus_mod, "P_ITEM_CUE", 0.0)
+    monkeypatch.setattr(corpus_mod, "P_BIO_CUE", 0.0)
+    without = generate_corpus(n_people=60, records_per_person=4, n_canaries=8, seed=5)
+    key = [(r.id, r.label, r.sensitive, r.person_id, r.kind, r.canary_id) for r in with_cues.records]
+    assert key == [(r.id, r.label, r.sensitive, r.person_id, r.kind, r.canary_id) for r in without.records]
+    assert with_cues.canaries == without.canaries
+    changed = sum(a.text != b.text for a, b in zip(with_cues.records, without.records))
+    assert changed > len(with_cues.records) // 4
 
 
 def test_canary_inclusion_rate_binomial() -> None:

@@ -26,13 +26,7 @@ from privaudit.mechanisms.dchi import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads spin against other processes on a shared 2-core machine: use one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 

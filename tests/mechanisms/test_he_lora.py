@@ -21,6 +21,7 @@ from privaudit.config import parse_config, resolve_plan
 from privaudit.mechanisms import register_mechanism
 from privaudit.mechanisms.he_backend import ClientSession, get_backend, glwe_available, quantize_channels, quantize_rows
 from privaudit.mechanisms.he_lora import (
+    RELEASED_WITHOUT_NOISE,
     HEEngine,
     HESettings,
     RemoteLinear,
@@ -378,7 +379,9 @@ def test_planned_events() -> None:
     data = _data(_cfg("execute", steps=5))
     n = len(data.train)
     ev = planned_events(_cfg("execute", steps=5), resolve_plan(_cfg("execute", steps=5), n))
-    assert [type(e) for e in ev] == [EncryptedEvent] and ev[0].count == 5
+    # non-private: the fail-closed marker (the adapter is released without noise), then the exchanges
+    assert [type(e) for e in ev] == [PlaintextEvent, EncryptedEvent] and ev[1].count == 5
+    assert ev[0].what == RELEASED_WITHOUT_NOISE
     ev = planned_events(_cfg("execute", steps=5, sampling="poisson"),
                         resolve_plan(_cfg("execute", steps=5, sampling="poisson"), n))
     assert isinstance(ev[0], PlaintextEvent)  # Poisson batch sizes reach the worker
@@ -426,19 +429,20 @@ def test_execute_path_plans_bytes_and_writes_events_first(tmp_path: Path, privat
     transport = Checking()
     result = fit(cfg, data.train, data.heldout, ledger=ledger, transport=transport, _backend=SimulateBackend())
     # write-ahead: the i-th step's products (7 each) are sent after its event is durable
-    assert transport.recorded_at_send == [i // 7 + 1 for i in range(21)]
+    marker = 0 if private else 1  # the non-private run's RELEASED_WITHOUT_NOISE event comes first
+    assert transport.recorded_at_send == [i // 7 + 1 + marker for i in range(21)]
     ledger.close()
     he = result.metrics["he"]
     assert he["byte_corrections"] == 0 and he["steps"] == 3
     assert he["exchanges"] == 3 * 7  # 4 forward + 3 backward (c_attn's input needs no gradient)
     events = Ledger.read(tmp_path / "ledger.jsonl").events
-    plain = [e for e in events if isinstance(e, PlaintextEvent)]
+    plain = [e for e in events if isinstance(e, PlaintextEvent) and e.what != RELEASED_WITHOUT_NOISE]
     assert sum(e.count for e in plain) == 3 and all("unencrypted" in e.what for e in plain)
     assert not any(isinstance(e, EncryptedEvent) for e in events)
     if private:
         assert [type(e) for e in events] == [PlaintextEvent, GaussianEvent] * 3
     else:
-        assert len(events) == 1  # identical steps merge
+        assert len(events) == 2 and events[0].what == RELEASED_WITHOUT_NOISE  # identical steps merge
     assert verify_ledger(tmp_path / "ledger.jsonl").ok
 
 
@@ -484,6 +488,8 @@ def test_encrypted_training_through_a_worker_process(tmp_path: Path) -> None:
     led = Ledger.read(tmp_path / "ledger.jsonl")
     assert led.header.observer == "worker" and led.header.mechanism == "he_lora"
     events = led.events
+    assert [e.what for e in events[:1]] == [RELEASED_WITHOUT_NOISE]  # fail-closed marker: no DP on the adapter
+    events = events[1:]
     assert len(events) == 1 and isinstance(events[0], EncryptedEvent)  # identical steps merged
     ev = events[0]
     he = result.metrics["he"]

@@ -6,7 +6,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,12 +38,7 @@ TINY: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py
 
 
 def tiny(**sections: dict[str, Any]) -> Any:
@@ -357,13 +352,17 @@ def test_example_configs_parse() -> None:
     cfg = load_config(EXAMPLES / "lora_sketch.yaml")
     assert cfg.mechanism == "lora_sketch" and cfg.lora.freeze_a and cfg.lora.init_a == "gaussian_1_over_r"
     ls.check_config(cfg)
-    base, spec = ls.load_study(EXAMPLES / "lora_sketch_study.yaml")
-    assert spec.ranks == [4, 8, 16, 32, 64] and spec.a_secret == [False, True] and spec.noise
-    points = ls.study_points(spec)
-    assert {p.name for p in points} >= {"r4-public", "r64-secret"}
-    cfg64 = parse_config(next(p for p in points if p.name == "r64-secret").apply(base, spec.scale_alpha))
-    assert cfg64.lora.rank == 64 and cfg64.options["a_secret"] is True
+    # the study file is a `privaudit sweep` config: rank (with alpha, s = alpha/r fixed) × A public/secret
+    from privaudit.sweep import load_sweep_spec
+
+    base, sweep = load_sweep_spec(EXAMPLES / "lora_sketch_study.yaml")
+    points = sweep.points()
+    names = {p.name for p in points}
+    assert {"rank_4-alpha_8-a_secret_false-non_private", "rank_64-alpha_128-a_secret_true-non_private"} <= names
+    cfg64 = parse_config(next(p for p in points if p.name.startswith("rank_64-alpha_128-a_secret_true")).apply(base))
+    assert cfg64.mechanism == "lora_sketch" and cfg64.lora.rank == 64 and cfg64.options["a_secret"] is True
     assert cfg64.lora.alpha / 64 == pytest.approx(base["lora"]["alpha"] / base["lora"]["rank"])
+    ls.check_config(cfg64)
 
 
 def test_bad_study_file(tmp_path: Path) -> None:

@@ -19,12 +19,7 @@ register_mechanism("privtune", "privaudit.mechanisms.privtune")
 from privaudit.mechanisms import privtune as pt  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 CORPUS = generate_corpus(n_people=40, records_per_person=2, n_canaries=0, seed=3)
@@ -205,10 +200,11 @@ def test_minilm_split_view_leaks_without_noise_and_not_with_strong_noise() -> No
         out[mode] = (inv[0]["metrics"], att[0]["metrics"])
     nn_clean, attr_clean = out["none"]
     assert nn_clean["token_recovery"] > 0.9 and nn_clean["pii_exact"] > 0.5
-    assert attr_clean["accuracy"] > attr_clean["majority_baseline"]
+    # the corpus' condition asides make this significant: the interval's lower end is above the majority
+    assert attr_clean["beats_baseline"] and attr_clean["accuracy_ci"][0] > attr_clean["majority_baseline"]
     nn_noisy, attr_noisy = out["dchi"]  # E|Z| = 500 against a median nearest-neighbour distance ~9
     assert nn_noisy["token_recovery"] < 0.05 and nn_noisy["pii_exact"] == 0.0
-    assert attr_noisy["accuracy"] < attr_clean["accuracy"]
+    assert attr_noisy["accuracy"] < attr_clean["accuracy"] and not attr_noisy["beats_baseline"]
 
 
 def test_run_study_rows_and_summary(tmp_path) -> None:

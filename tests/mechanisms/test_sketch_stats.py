@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -23,12 +23,7 @@ from privaudit.mechanisms.sketch_stats import (
 from privaudit.mechanisms.training import build_model, encode, prepare_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py
 
 
 def tiny_cfg(init_a: str = "gaussian_1_over_r", rank: int = 4) -> Any:

@@ -459,6 +459,9 @@ def compose(items: Sequence[tuple[Discrete, int]], tau: float = 1e-16,
         t_hi = float(np.nanmin((K[:npos] - log_tau) / lam_hi))
         t_lo = float(np.nanmax((log_tau - K[npos:]) / lam_lo))
     if window is None:
+        if not (math.isfinite(t_lo) and math.isfinite(t_hi) and math.isfinite(shift)):
+            raise ValueError("noise_multiplier: the privacy loss is beyond the PLD accountant's numeric range "
+                             "(noise far too small for this many releases); use the rdp accountant")
         w0 = math.floor((t_lo - shift) / grid) - 1
         w1 = math.ceil((t_hi - shift) / grid) + 1
         n = sfft.next_fast_len(w1 - w0 + 1, real=True)

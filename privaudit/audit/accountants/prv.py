@@ -30,7 +30,6 @@ import numpy as np
 from scipy import fft as sfft
 
 from privaudit.audit.accountants.base import (
-    Accountant,
     EpsilonResult,
     Segment,
     register_accountant,
@@ -39,6 +38,7 @@ from privaudit.audit.accountants.pld import (
     Composed,
     Discrete,
     PairSpec,
+    _GridTooFine,
     _orientations,
     _merge,
     compose,
@@ -48,7 +48,7 @@ from privaudit.audit.accountants.pld import (
     loss_tails,
     tail_quantile,
 )
-from privaudit.audit.accountants.rdp import DEFAULT_ORDERS, rdp_to_epsilon, segments_rdp
+from privaudit.audit.accountants.rdp import DEFAULT_ORDERS, RDPDomainAccountant, rdp_to_epsilon, segments_rdp
 
 __all__ = ["PRVAccountant", "safe_domain_size", "discretise_cell_centred"]
 
@@ -117,8 +117,9 @@ def _estimate_epsilon(c: Composed, delta: float) -> float:
 
 
 @register_accountant("prv")
-class PRVAccountant(Accountant):
-    """PRV accountant (Gopi et al. 2021). ``eps_error``: ε_err; ``delta_error``: δ_err (default δ/1000)."""
+class PRVAccountant(RDPDomainAccountant):
+    """PRV accountant (Gopi et al. 2021). ``eps_error``: ε_err; ``delta_error``: δ_err (default δ/1000).
+    Its safe domain is sized from RDP, hence :class:`RDPDomainAccountant`'s support."""
 
     def __init__(self, eps_error: float = 0.01, delta_error: float | None = None) -> None:
         if not (math.isfinite(eps_error) and eps_error > 0):
@@ -127,19 +128,6 @@ class PRVAccountant(Accountant):
             raise ValueError(f"delta_error: must be in (0, 1), got {delta_error!r}")
         self.eps_error = eps_error
         self.delta_error = delta_error
-
-    def supports(self, segment: Segment) -> bool:
-        if segment.kind == "gaussian":
-            return True
-        # the safe domain needs RDP, which exists for Laplace only without subsampling
-        return segment.kind == "laplace" and segment.sample_rate >= 1.0
-
-    def check(self, segments: Sequence[Segment]) -> None:
-        for s in segments:
-            if s.kind == "laplace" and s.sample_rate < 1.0:
-                raise ValueError(f"event 'laplace' (sample_rate={s.sample_rate}): subsampled Laplace "
-                                 "is not supported by the prv accountant; use pld")
-        super().check(segments)
 
     def _compose(self, items: list[tuple[PairSpec, int]], segments: Sequence[Segment],
                  delta_error: float) -> Composed:
@@ -155,8 +143,12 @@ class PRVAccountant(Accountant):
                 raise ValueError(
                     f"eps_error: {self.eps_error} needs a PRV mesh of {n} points for {k} releases; "
                     "use a larger eps_error or the pld accountant")
-            c = compose([(discretise_cell_centred(p, h, j_min, j_min + n - 1, z), cnt)
-                         for p, cnt in _merge(items)], window=(j_min, n), lambdas=_CHERNOFF)
+            try:
+                c = compose([(discretise_cell_centred(p, h, j_min, j_min + n - 1, z), cnt)
+                             for p, cnt in _merge(items)], window=(j_min, n), lambdas=_CHERNOFF)
+            except _GridTooFine as exc:  # huge ε: the composition does not fit the mesh
+                raise ValueError(f"eps_error: {self.eps_error} is too fine a PRV mesh for {k} releases "
+                                 f"({exc}); use a larger eps_error or the pld accountant") from None
             if c.above + c.below <= delta_error / 4:
                 return c
             L *= 1.5

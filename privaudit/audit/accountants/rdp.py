@@ -242,14 +242,9 @@ def rdp_to_delta(orders: Sequence[float] | np.ndarray, rdp: Sequence[float] | np
     return float(min(1.0, math.exp(min(0.0, float(np.nanmin(log_delta))))))
 
 
-@register_accountant("rdp")
-class RDPAccountant(Accountant):
-    """RDP accountant: an upper bound on ε (``epsilon_upper`` = ``epsilon``, no lower bound)."""
-
-    def __init__(self, orders: Sequence[float] | None = None) -> None:
-        self.orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=float)
-        if self.orders.ndim != 1 or self.orders.size == 0 or np.any(self.orders <= 1):
-            raise ValueError("orders: must be a non-empty list of numbers > 1")
+class RDPDomainAccountant(Accountant):
+    """An accountant that needs the segments' RDP: Gaussian (subsampled or not) and Laplace without
+    subsampling — subsampled Laplace has no RDP bound here (the pld accountant handles it)."""
 
     def supports(self, segment: Segment) -> bool:
         if segment.kind == "gaussian":
@@ -260,8 +255,18 @@ class RDPAccountant(Accountant):
         for s in segments:
             if s.kind == "laplace" and s.sample_rate < 1.0:
                 raise ValueError(f"event 'laplace' (sample_rate={s.sample_rate}): subsampled Laplace "
-                                 "is not supported by the rdp accountant; use pld")
+                                 f"is not supported by the {self.name} accountant; use pld")
         super().check(segments)
+
+
+@register_accountant("rdp")
+class RDPAccountant(RDPDomainAccountant):
+    """RDP accountant: an upper bound on ε (``epsilon_upper`` = ``epsilon``, no lower bound)."""
+
+    def __init__(self, orders: Sequence[float] | None = None) -> None:
+        self.orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=float)
+        if self.orders.ndim != 1 or self.orders.size == 0 or np.any(self.orders <= 1):
+            raise ValueError("orders: must be a non-empty list of numbers > 1")
 
     def _epsilon(self, segments: Sequence[Segment], delta: float) -> EpsilonResult:
         rdp = segments_rdp(segments, self.orders)

@@ -1,0 +1,210 @@
+"""DP-FedLoRA: paper-config accounting, partitions, aggregation, write-ahead ledger, the three modes
+end to end (train → ledger → audit), and Flower vs in-process ledgers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from privaudit.audit.events import ClaimEvent, GaussianEvent
+from privaudit.audit.ledger import Ledger, verify_ledger
+from privaudit.config import load_config, parse_config, planned_events
+from privaudit.mechanisms import get_mechanism, mechanism_names
+from privaudit.mechanisms.dp_fedlora import accounting_summary, fit, resolve_plan
+from privaudit.mechanisms.federated.aggregation import aggregate
+from privaudit.mechanisms.federated.client import joint_clip_and_noise, paper_release
+from privaudit.mechanisms.federated.partition import (
+    client_schedule,
+    dirichlet_partition,
+    iid_partition,
+    new_participation_levels,
+)
+from privaudit.mechanisms.federated.plan import paper_noise_multiplier
+from privaudit.mechanisms.training import prepare_data
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+# tiny GPT-2 classifier: fast ledger and plumbing tests
+TINY: dict[str, Any] = {
+    "mechanism": "dp_fedlora",
+    "task": "classification",
+    "model": {"name": "tiny-gpt2", "max_length": 16, "overrides": {"n_layer": 1, "n_embd": 16, "n_head": 2}},
+    "lora": {"rank": 2, "alpha": 4},
+    "data": {"synthetic": {"n_people": 30, "n_canaries": 4}, "max_heldout": 10},
+    "training": {"steps": 2, "batch_size": 4, "learning_rate": 0.01},
+    "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "noise_seed": 3},
+    "options": {"num_clients": 4, "clients_per_round": 2, "rounds": 2},
+}
+
+
+def tiny(**sections: dict[str, Any]) -> Any:
+    data = copy.deepcopy(TINY)
+    for name, update in sections.items():
+        data[name] = {**data.get(name, {}), **update}
+    return parse_config(data)
+
+
+# ------------------------------------------------------------------------------------------------
+# the paper's configuration, accounting only
+def test_paper_config_accounting_without_weights() -> None:
+    cfg = load_config(EXAMPLES / "dp_fedlora_paper.yaml")
+    planned = planned_events(cfg)  # no model is built or downloaded: shapes come from options.shapes
+    plan = planned.plan
+    assert plan.tensor_counts == {"A": 64, "B": 64}  # 32 layers × (q, v) × (A, B)
+    assert plan.noise_multiplier == pytest.approx(math.sqrt(2 * math.log(1.25e5)) / 25, rel=1e-12)
+    assert [c.epsilon for c in planned.claims] == [25.0] and "per tensor" in planned.claims[0].scope
+    s = accounting_summary(plan, "pld")
+    # REFERENCES §1: one tensor release ≈ 34.6 (analytic Gaussian), one client-round ≈ 2,000,
+    # the run (20 expected participations) ≈ 35,000
+    assert s["epsilon_per_tensor_release"] == pytest.approx(34.6, abs=0.1)
+    assert 1_000 < s["epsilon_per_client_round"] < 5_000
+    assert 20_000 < s["epsilon_expected_participations"] < 60_000
+    assert plan.participations is not None and plan.participations >= 20
+    assert 10_000 < s["epsilon_run"] < 100_000 and s["epsilon_run"] > s["epsilon_expected_participations"]
+    assert s["claimed_epsilon"] == 25.0
+    gauss = [e for e in planned.events if isinstance(e, GaussianEvent)]
+    assert sum(e.count for e in gauss) == 128 * plan.participations
+
+
+def test_paper_config_epsilon_cli_prints_claim_and_composed() -> None:
+    from click.testing import CliRunner
+
+    from privaudit.cli import cli
+
+    res = CliRunner().invoke(cli, ["epsilon", "--config", str(EXAMPLES / "dp_fedlora_paper.yaml"), "--accountant",
+                                   "rdp", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    eps = out["results"][0]["epsilon"]
+    assert 10_000 < eps < 100_000
+    assert out["claims"][0]["epsilon"] == 25.0
+
+
+def test_replace_neighbours_double_the_sensitivity() -> None:
+    cfg = load_config(EXAMPLES / "dp_fedlora_paper.yaml")
+    d = cfg.model_dump(mode="json")
+    d["privacy"]["neighbouring"] = "replace"
+    d["data"]["synthetic"] = {"n_people": 40, "n_canaries": 0}
+    cfg_r = parse_config(d)
+    plan = resolve_plan(cfg_r, prepare_data(cfg_r).train)
+    ev = get_mechanism("dp_fedlora").planned_events(cfg_r, plan)
+    g = [e for e in ev if isinstance(e, GaussianEvent)]
+    assert all(e.sensitivity == pytest.approx(2 * e.clip_norm) for e in g)
+    assert isinstance(ev[0], ClaimEvent)
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces
+def test_partitions_and_schedule() -> None:
+    parts = iid_partition(103, 8, seed=1)
+    assert sorted(i for p in parts for i in p) == list(range(103)) and max(map(len, parts)) - min(map(len, parts)) <= 1
+    labels = [i % 3 for i in range(300)]
+    d = dirichlet_partition(labels, 6, alpha=0.3, seed=0)
+    assert sorted(i for p in d for i in p) == list(range(300)) and min(map(len, d)) >= 1
+    skew = [np.bincount([labels[i] for i in p], minlength=3) / len(p) for p in d]
+    assert max(float(s.max()) for s in skew) > 0.6  # label skew, unlike IID
+    with pytest.raises(ValueError, match="^options.num_clients"):
+        iid_partition(3, 8, seed=0)
+    sched = client_schedule(20, 2, 200, "fixed", seed=0)
+    assert all(len(s) == 2 and len(set(s)) == 2 for s in sched)
+    levels = new_participation_levels(sched, 20)
+    counts = np.bincount([c for s in sched for c in s], minlength=20)
+    assert sum(levels) == counts.max() and all(x >= 0 for x in levels)
+
+
+def test_releases_are_clipped_and_noised() -> None:
+    gen = torch.Generator().manual_seed(0)
+    t = torch.ones(50, 40) * 3.0
+    out = paper_release(t, clip=0.1, z=0.0 + 1e-12, gen=gen)
+    assert float(out.norm()) == pytest.approx(0.1, rel=1e-6)
+    noisy = paper_release(t, clip=0.1, z=2.0, gen=gen)
+    assert float((noisy - out).std()) == pytest.approx(0.2, rel=0.1)  # σ = z·C
+    delta = {"a": torch.ones(10) * 5, "b": torch.ones(3, 3)}
+    clipped = joint_clip_and_noise(delta, 1.0, 1e-12, gen)
+    assert math.sqrt(sum(float(v.pow(2).sum()) for v in clipped.values())) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_stack_aggregation_is_the_exact_product() -> None:
+    g = {"m.lora_A.default.weight": torch.randn(2, 5), "m.lora_B.default.weight": torch.zeros(4, 2),
+         "m.base_layer.weight": torch.zeros(4, 5), "head.weight": torch.zeros(3)}
+    f1 = {"m.lora_A.default.weight": torch.randn(2, 5), "m.lora_B.default.weight": torch.randn(4, 2),
+          "head.weight": torch.ones(3)}
+    f2 = {"m.lora_A.default.weight": torch.randn(2, 5), "m.lora_B.default.weight": torch.randn(4, 2),
+          "head.weight": 3 * torch.ones(3)}
+    new = aggregate(g, [f1, f2], [0.25, 0.75], "stack", g, scaling=2.0)
+    want = 2.0 * (0.25 * f1["m.lora_B.default.weight"] @ f1["m.lora_A.default.weight"]
+                  + 0.75 * f2["m.lora_B.default.weight"] @ f2["m.lora_A.default.weight"])
+    torch.testing.assert_close(new["m.base_layer.weight"], want)
+    torch.testing.assert_close(new["m.lora_B.default.weight"], g["m.lora_B.default.weight"])  # fresh adapter
+    torch.testing.assert_close(new["head.weight"], 2.5 * torch.ones(3))
+    avg = aggregate(g, [f1, f2], [0.5, 0.5], "fedavg", g, scaling=2.0)
+    torch.testing.assert_close(avg["m.lora_A.default.weight"],
+                               0.5 * (f1["m.lora_A.default.weight"] + f2["m.lora_A.default.weight"]))
+
+
+def test_bad_options_name_the_field() -> None:
+    with pytest.raises(ValueError, match="^options.mode"):
+        resolve_plan(tiny(options={"mode": "nope"}), prepare_data(tiny()).train)
+    with pytest.raises(ValueError, match="^options.client_sample_secret"):
+        resolve_plan(tiny(options={"client_sample_secret": True}), prepare_data(tiny()).train)
+    with pytest.raises(ValueError, match="^training.steps"):
+        cfg = parse_config({**copy.deepcopy(TINY), "training": {"epochs": 1, "batch_size": 4}})
+        resolve_plan(cfg, prepare_data(cfg).train)
+
+
+# ------------------------------------------------------------------------------------------------
+# write-ahead ledger = planned events (fast: tiny model)
+@pytest.mark.parametrize("options", [
+    {"mode": "paper"},
+    {"mode": "client_dp"},
+    {"mode": "client_dp", "client_sampling": "poisson", "client_sample_secret": True},
+    {"mode": "record_dp", "aggregation": "stack"},
+])
+def test_ledger_matches_planned_events(tmp_path: Path, options: dict[str, Any]) -> None:
+    cfg = tiny(options=options, training={"sampling": "poisson"} if options["mode"] == "record_dp" else {},
+               privacy={"noise_multiplier": None, "target_epsilon": 30.0} if options["mode"] == "paper" else {})
+    data = prepare_data(cfg)
+    plan = resolve_plan(cfg, data.train)
+    with Ledger.create(tmp_path / "l.jsonl", mechanism="dp_fedlora") as ledger:
+        res = fit(cfg, data.train, data.heldout, ledger=ledger, plan=plan)
+    assert verify_ledger(tmp_path / "l.jsonl").ok
+    got = Ledger.read(tmp_path / "l.jsonl").events
+    want = get_mechanism("dp_fedlora").planned_events(cfg, plan)
+
+    def total(evs: list[Any]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in evs:
+            k = json.dumps(e.identity(), sort_keys=True)
+            out[k] = out.get(k, 0) + e.count
+        return out
+
+    assert total(got) == total(want) and total(got)
+    if options.get("client_sample_secret"):
+        assert sum(e.count for e in got) == 2 and got[0].sample_rate == 0.5  # one subsampled event per round
+    else:
+        assert plan.participations == max(sum(c in s for s in plan.schedule) for c in range(4))
+    assert res.metrics["federated"]["rounds"] == 2
+    assert res.run_files["server_view.json"]["rounds"][0]["clients"]
+
+
+def test_calibrated_client_dp_meets_the_target() -> None:
+    from privaudit.audit.accountants.base import compute_epsilon
+
+    cfg = tiny(privacy={"noise_multiplier": None, "target_epsilon": 4.0, "accountant": "rdp"})
+    plan = resolve_plan(cfg, prepare_data(cfg).train)
+    events = get_mechanism("dp_fedlora").planned_events(cfg, plan)
+    eps = compute_epsilon(events, plan.delta, "rdp").epsilon
+    assert eps <= 4.0 and eps > 3.5
+    assert paper_noise_multiplier(25.0, 1e-5) == pytest.approx(0.19379, rel=1e-4)
+
+
+def test_registered() -> None:
+    assert "dp_fedlora" in mechanism_names()
+    assert get_mechanism("dp_fedlora").OBSERVER == "server"
