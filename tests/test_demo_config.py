@@ -1,0 +1,51 @@
+"""The demo's configuration (fast; the demo's own outputs are checked in tests/test_demo.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from privaudit import demo
+from privaudit.cli import cli
+from privaudit.config import parse_config
+
+
+def test_default_demo_draws_noise_from_os_entropy_and_seed_is_explicit() -> None:
+    assert "noise_seed" not in demo.demo_config()["privacy"]
+    assert parse_config(demo.demo_config()).privacy.noise_seed is None
+    seeded = parse_config(demo.demo_config(quick=True, noise_seed=7))
+    assert seeded.privacy.noise_seed == 7
+    assert demo.DEMO_CONFIG["privacy"].get("noise_seed") is None  # the template is not mutated
+
+
+def test_quick_overrides_shrink_the_demo() -> None:
+    full, quick = parse_config(demo.demo_config()), parse_config(demo.demo_config(quick=True))
+    assert quick.model.max_length < full.model.max_length
+    assert quick.data.synthetic.n_people < full.data.synthetic.n_people
+    assert quick.audit.gradient_canaries < full.audit.gradient_canaries
+    assert quick.mechanism == full.mechanism == "dp_lora"
+
+
+@pytest.mark.parametrize("args, seed", [([], None), (["--seed", "0"], 0), (["--seed", "12"], 12)])
+def test_cli_passes_the_seed_to_the_demo(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, args: list[str],
+                                         seed: int | None) -> None:
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_demo(out_dir: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    res = CliRunner().invoke(cli, ["demo", "--quick", "--quiet", "-o", str(tmp_path / "d"), *args])
+    assert isinstance(res.exception, Stop), res.output
+    assert seen["noise_seed"] == seed and seen["quick"] is True
+
+
+def test_cli_rejects_a_non_integer_seed(tmp_path: Any) -> None:
+    res = CliRunner().invoke(cli, ["demo", "--seed", "abc", "-o", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "--seed" in res.output
