@@ -65,10 +65,16 @@ def _no_data(ax: Axes, text: str) -> None:
     ax.set_yticks([])
 
 
-def _note(ax: Axes, text: str) -> None:
-    """A small note under the axes (below the x label), kept inside the figure by the layout."""
-    ax.annotate(text, xy=(0, 0), xycoords="axes fraction", xytext=(0, -30), textcoords="offset points",
-                fontsize=7, color="0.25", ha="left", va="top", annotation_clip=False)
+def _note(ax: Axes, text: str, max_chars: int = 400) -> None:
+    """A small note under the axes (below the x label), kept inside the figure by the layout: wrapped
+    to the figure's width and cut at ``max_chars`` (a long unwrapped line would squeeze the axes to
+    nothing)."""
+    import textwrap
+
+    short = textwrap.shorten(text, width=max_chars, placeholder=" …")
+    ax.annotate("\n".join(textwrap.wrap(short, width=110)), xy=(0, 0), xycoords="axes fraction",
+                xytext=(0, -30), textcoords="offset points", fontsize=7, color="0.25", ha="left", va="top",
+                annotation_clip=False)
 
 
 class _InfAxis:
