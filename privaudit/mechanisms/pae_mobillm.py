@@ -95,14 +95,15 @@ class PaeSettings(BaseModel):
     ``activation_noise`` σ_a and ``delta_noise`` σ_δ are noise multipliers (std / clip); 0 sends in
     the clear. ``activation_clip`` C_a bounds a sample's whole (S, d) pivot stack (each layer row to
     C_a/√S); ``delta_clip`` C_δ bounds δ (‖δ‖₂ ≤ √2 always, so the default √2 never distorts).
-    ``top_k``: entries kept per layer row; ``quantization``: wire dtype. ``side_width`` /
+    ``pivot``: see :mod:`.pae_side` (``first``: the first text token, a real vocabulary token, so
+    the audit's token inversion applies). ``top_k``: entries kept per layer row; ``quantization``: wire dtype. ``side_width`` /
     ``side_bottleneck``: side network sizes. ``device_batch_size``: samples per device forward pass
     and per upload message. ``audit_victims``/``audit_aux``: records in the audit's server-view attacks.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    pivot: Literal["auto", "cls", "mean", "last"] = "auto"
+    pivot: Literal["auto", "cls", "mean", "last", "first"] = "auto"
     cache: bool = True
     activation_noise: float = Field(0.0, ge=0)
     activation_clip: float | None = Field(None, gt=0)
@@ -232,6 +233,13 @@ def _baseline_message(hs: tuple[torch.Tensor, ...], mask: torch.Tensor, ids: lis
                      {"kind": "mobillm_upload"})
 
 
+def _prefix_len(tok: Any) -> int:
+    """Tokens the tokenizer puts before a text (1 for [CLS] ...): the ``first`` pivot's position."""
+    from privaudit.mechanisms.privtune import neutral_context
+
+    return len(neutral_context(tok)[0])
+
+
 class _Device:
     """The device side: frozen backbone, the records and labels, the release pipeline; counts its
     forward passes."""
@@ -241,6 +249,7 @@ class _Device:
         self.backbone, self.tok, self.cfg, self.settings = backbone, tok, cfg, settings
         self.records = list(records)
         self.pivot = pivot
+        self.prefix_len = _prefix_len(tok)
         self.spec = settings.release_spec()
         self.gen = generator
         self.device = next(backbone.parameters()).device
@@ -255,7 +264,7 @@ class _Device:
         for start in range(0, len(ids), s.device_batch_size):
             chunk = [int(i) for i in ids[start:start + s.device_batch_size]]
             batch = encode(self.tok, [self.records[i] for i in chunk], self.cfg, self.device)
-            piv, logits, hs, pivot_ids = backbone_forward(self.backbone, batch, self.pivot)
+            piv, logits, hs, pivot_ids = backbone_forward(self.backbone, batch, self.pivot, self.prefix_len)
             self.forward_passes += len(chunk)
             self.pivot_ids.append(pivot_ids)
             payload, _ = wire_rows(release_rows(piv, self.spec, self.gen), self.spec)
@@ -318,7 +327,8 @@ def load_released_model(cfg: RunConfig, num_labels: int, device: torch.device,
         side.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"state: does not match the side network of this config ({exc})") from None
-    model = SideTunedModel(backbone, side, resolve_pivot(backbone, s.pivot), s.release_spec()).eval()
+    model = SideTunedModel(backbone, side, resolve_pivot(backbone, s.pivot), s.release_spec(),
+                           _prefix_len(tok)).eval()
     return model, tok
 
 
@@ -345,7 +355,7 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     n_states, d = _dims(backbone)
     side = _new_side(cfg, s, n_states, d, num_labels, dev)
     theta_0 = _side_state(side)
-    model = SideTunedModel(backbone, side, pivot, s.release_spec())
+    model = SideTunedModel(backbone, side, pivot, s.release_spec(), _prefix_len(tok))
     metrics: dict[str, Any] = {}
     if cfg.training.eval_before:
         metrics["heldout_before"] = evaluate(model, tok, list(heldout_records), cfg, dev)

@@ -7,6 +7,8 @@ of width ``d``; ``K`` classes.
 * **Pivot** (the position the loss is computed on): ``last`` — the last non-padding token (decoders:
   what ``...ForSequenceClassification`` reads); ``cls`` — position 0; ``mean`` — the attention-masked
   mean over tokens (what the bundled MiniLM classifier's head reads: its "pivot" is pooled);
+  ``first`` — the first token after the tokenizer's prefix (position ``prefix_len``, e.g. 1 after
+  [CLS]; the last non-padding token if the record is shorter): a real vocabulary token;
   ``auto`` picks ``mean`` for mean-pooling encoders, ``cls`` for other encoders, ``last`` for decoders.
 * **Release pipeline** for one sample's (S, d) pivot states: each layer's row clipped to L2 norm
   ``clip / sqrt(S)`` (so the whole sample has norm ≤ ``clip``), Gaussian noise N(0, (σ·clip)²) per
@@ -33,14 +35,14 @@ from torch import nn
 
 from privaudit.mechanisms.transport import Quantization, decode_rows, encode_rows
 
-Pivot = Literal["auto", "cls", "mean", "last"]
+Pivot = Literal["auto", "cls", "mean", "last", "first"]
 PROB_FLOOR = 1e-4
 
 __all__ = ["Pivot", "resolve_pivot", "backbone_forward", "ReleaseSpec", "release_rows", "wire_rows",
            "prediction_difference", "SideNetwork", "SideTunedModel"]
 
 
-def resolve_pivot(model: nn.Module, pivot: Pivot) -> Literal["cls", "mean", "last"]:
+def resolve_pivot(model: nn.Module, pivot: Pivot) -> Literal["cls", "mean", "last", "first"]:
     """The concrete pivot for ``model`` (see the module docstring)."""
     if pivot != "auto":
         return pivot
@@ -54,10 +56,11 @@ def resolve_pivot(model: nn.Module, pivot: Pivot) -> Literal["cls", "mean", "las
 
 
 @torch.no_grad()
-def backbone_forward(model: nn.Module, batch: dict[str, torch.Tensor], pivot: str
+def backbone_forward(model: nn.Module, batch: dict[str, torch.Tensor], pivot: str, prefix_len: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
     """One forward pass of the frozen backbone: (pivot states (B, S, d), logits (B, K), all hidden
-    states (S tensors of (B, T, d)), pivot token ids (B,); −1 where the pivot is pooled)."""
+    states (S tensors of (B, T, d)), pivot token ids (B,); −1 where the pivot is pooled).
+    ``prefix_len``: tokens the tokenizer puts before the text (the ``first`` pivot's position)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = model(**inputs, output_hidden_states=True)
     hs = out.hidden_states
@@ -69,7 +72,13 @@ def backbone_forward(model: nn.Module, batch: dict[str, torch.Tensor], pivot: st
         piv = (stack * m).sum(2) / m.sum(2).clamp_min(1.0)
         ids = torch.full((b,), -1, dtype=torch.long)
     else:
-        pos = torch.zeros(b, dtype=torch.long, device=mask.device) if pivot == "cls" else mask.sum(1).long() - 1
+        last = mask.sum(1).long() - 1
+        if pivot == "cls":
+            pos = torch.zeros(b, dtype=torch.long, device=mask.device)
+        elif pivot == "first":
+            pos = last.clamp(max=prefix_len)
+        else:
+            pos = last
         piv = stack[torch.arange(b, device=stack.device), :, pos]
         ids = inputs["input_ids"][torch.arange(b, device=mask.device), pos].cpu()
     return piv, out.logits.float(), hs, ids
@@ -179,13 +188,15 @@ class SideTunedModel(nn.Module):
     """Frozen backbone + side network, as the device (or whoever holds the side network) runs it:
     pivot states → clip → top-k/quantisation (no noise: inference) → side correction; p = softmax(z_b)
     + c. ``forward(**batch).logits`` as a Hugging Face classifier, so evaluation and membership
-    attacks apply unchanged."""
+    attacks apply unchanged. ``prefix_len``: as in :func:`backbone_forward`."""
 
-    def __init__(self, backbone: nn.Module, side: SideNetwork, pivot: str, spec: ReleaseSpec) -> None:
+    def __init__(self, backbone: nn.Module, side: SideNetwork, pivot: str, spec: ReleaseSpec,
+                 prefix_len: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.side = side
         self.pivot = pivot
+        self.prefix_len = prefix_len
         self.spec = ReleaseSpec(spec.clip, 0.0, spec.top_k, spec.quantization)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
@@ -197,7 +208,7 @@ class SideTunedModel(nn.Module):
 
     def side_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(decoded pivot states (B, S, d) on the model's device, backbone logits (B, K))."""
-        piv, logits, _, _ = backbone_forward(self.backbone, batch, self.pivot)
+        piv, logits, _, _ = backbone_forward(self.backbone, batch, self.pivot, self.prefix_len)
         _, decoded = wire_rows(release_rows(piv, self.spec, None), self.spec)
         return decoded.to(piv.device), logits
 

@@ -227,3 +227,40 @@ def test_side_tuning_is_within_five_points_of_noise_free_lora() -> None:
           f"{lora['accuracy']:.3f}")
     assert side["accuracy"] > side["majority_baseline"] + 0.2  # it learns
     assert side["accuracy"] >= lora["accuracy"] - 0.05
+
+
+def test_first_token_pivot_is_inverted_from_the_server_view_and_noise_stops_it() -> None:
+    """pivot = first: the pivot is a real vocabulary token, so the audit builds the vocabulary's layer-0
+    representations and runs token inversion on the cached pivot states (the path the default pooled /
+    special-token pivots skip)."""
+    from types import SimpleNamespace
+
+    from privaudit.mechanisms.pae_side import SideNetwork, SideTunedModel
+
+    base = make_cfg(model=TINY_MODEL, options={"pivot": "first"})
+    data = prepare_data(base)
+    backbone, tok = pm.build_backbone(base, 2, torch.device("cpu"))
+    recs = [r for r in data.train if r.canary_id is None][:8]
+    view = pm.capture_server_view(backbone, tok, base, recs, None)
+    first_ids = [tok(r.text)["input_ids"][1] for r in recs]  # [CLS] t1 ... [SEP]: the pivot is t1
+    assert view.pivot_ids.tolist() == first_ids
+    assert not set(first_ids) & set(tok.all_special_ids)
+
+    scores = {}
+    for sigma in (0.0, 3.0):
+        opts = {"pivot": "first", "audit_victims": 40, "audit_aux": 60}
+        if sigma:
+            opts |= {"activation_noise": sigma, "activation_clip": 1.0}
+        cfg = make_cfg(model=TINY_MODEL, options=opts)
+        s = pm.settings_of(cfg)
+        model = SideTunedModel(backbone, SideNetwork(3, 32, 2), "first", s.release_spec(), 1)
+        ctx = SimpleNamespace(run=SimpleNamespace(config=cfg, model=model, tokenizer=tok), data=data, seed=0,
+                              log=lambda _msg: None)
+        scores[sigma] = {a.name: dict(a.metrics) for a in pm.audit_server_view(ctx) if a.kind == "inversion"}
+    clean, noisy = scores[0.0], scores[3.0]
+    for name in ("inversion_nn", "inversion_learned"):
+        m = clean[name]
+        assert m["n_tokens"] == 40 and m["chance_rate"] is not None
+        assert m["token_recovery"] >= 0.9 and m["token_recovery"] > m["chance_rate"] + 0.5
+        assert noisy[name]["n_tokens"] == 40
+        assert noisy[name]["token_recovery"] <= noisy[name]["chance_rate"] + 0.1  # at or below chance
