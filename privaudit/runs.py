@@ -128,15 +128,12 @@ def _header_extra(mech: Any, cfg: RunConfig) -> dict[str, Any]:
 
 def privacy_of(mech: Any, ledger: Ledger, plan: Any, cfg: RunConfig, metrics: dict[str, Any] | None = None
                ) -> dict[str, Any]:
-    """The manifest's accounting: the mechanism's ``privacy_section`` hook where it has one (given
-    ``metrics`` if it takes them), else :func:`epsilon_section` of the ledger at the plan's δ."""
-    import inspect
-
+    """The manifest's accounting: the mechanism's ``privacy_section`` hook where it has one, else
+    :func:`epsilon_section` of the ledger at the plan's δ."""
     hook = getattr(mech, "privacy_section", None)
     if hook is None:
         return epsilon_section(ledger, plan.delta)
-    kwargs = {"metrics": metrics or {}} if "metrics" in inspect.signature(hook).parameters else {}
-    return dict(hook(ledger, plan, cfg, **kwargs))
+    return dict(hook(ledger, plan, cfg, metrics=metrics or {}))
 
 
 def utility_of(metrics: dict[str, Any]) -> dict[str, Any] | None:

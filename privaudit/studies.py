@@ -56,10 +56,7 @@ def run_study_file(path: str | Path, out_dir: str | Path, progress: Callable[[st
     """Run the study in ``path`` into ``out_dir`` with its mechanism's study runner."""
     name = study_mechanism(_read(path))
     module, func = STUDIES[name].split(":")
-    fn = getattr(import_module(module), func)
-    if name == "privtune":
-        return fn(path, out_dir, progress=progress)
-    return fn(path, out_dir)
+    return getattr(import_module(module), func)(path, out_dir, progress=progress)
 
 
 def run_privtune_study(path: str | Path, out_dir: str | Path,

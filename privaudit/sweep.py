@@ -304,8 +304,11 @@ def point_status(run_dir: Path) -> str:
 
 def run_sweep(base: Mapping[str, Any] | RunConfig, points: Sequence[SweepPoint], out_dir: str | Path, *,
               audit: bool = True, attacks: Sequence[str] | None = None, reference_models: int = 0,
-              report: bool = True, quiet: bool = False, log: SweepProgress | None = None) -> SweepResult:
-    """Train, account and audit every point, then render ``OUT/report.pdf``. Resumable."""
+              report: bool = True, quiet: bool = False, log: SweepProgress | None = None,
+              audit_settings: Callable[[SweepPoint], Mapping[str, Any]] | None = None) -> SweepResult:
+    """Train, account and audit every point, then render ``OUT/report.pdf``. Resumable.
+    ``audit_settings(point)``: keyword arguments of :func:`~privaudit.audit.auditor.audit_run` for that
+    point, overriding ``attacks`` and ``reference_models``."""
     from privaudit.runs import train
 
     base_map = json.loads(base.model_dump_json()) if isinstance(base, RunConfig) else dict(base)
@@ -332,7 +335,9 @@ def run_sweep(base: Mapping[str, Any] | RunConfig, points: Sequence[SweepPoint],
             from privaudit.audit.auditor import audit_run
 
             say(f"[{i}/{len(cfgs)}] {point.name}: auditing")
-            audit_run(rd, attacks=attacks, reference_models=reference_models, progress=not quiet)
+            kwargs = {"attacks": attacks, "reference_models": reference_models,
+                      **(audit_settings(point) if audit_settings is not None else {})}
+            audit_run(rd, progress=not quiet, **kwargs)
         run_dirs.append(rd)
         summaries.append(_summary(point, rd))
     (out / "sweep.json").write_text(json.dumps({"points": summaries}, indent=2), encoding="utf-8")

@@ -10,11 +10,10 @@ Optional hooks (read with ``getattr``; :mod:`privaudit.runs` and the auditor use
 
 * ``ledger_header_extra(cfg) -> dict``: extra ledger-header fields, passed to ``Ledger.create``
   (e.g. PrivTune's ``metric_dp`` entry);
-* ``privacy_section(ledger, plan, cfg[, metrics]) -> dict``: the manifest's ``privacy`` section in
+* ``privacy_section(ledger, plan, cfg, metrics=None) -> dict``: the manifest's ``privacy`` section in
   place of the (ε, δ) accountants' ``epsilon_section`` (e.g. a metric-DP report, or separate
-  guarantees against a worker and for the released model). ``metrics`` (the fit's metrics) is
-  passed only if the function has a parameter of that name. It must never report ε = 0 for
-  something released without a guarantee;
+  guarantees against a worker and for the released model); ``metrics`` are the fit's metrics. It must
+  never report ε = 0 for something released without a guarantee;
 * ``load_released_model(cfg, num_labels, device, state) -> (model, tokenizer)``: rebuild the released
   model from ``adapter.safetensors`` (else :func:`privaudit.mechanisms.training.build_model`);
 * ``RESUMABLE = False``: ``train(..., resume=True)`` is refused with a ``ValueError``;

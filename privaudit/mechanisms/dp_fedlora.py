@@ -160,7 +160,8 @@ def ledger_header_extra(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def privacy_section(ledger: Any, plan: PrivacyPlan, cfg: RunConfig) -> dict[str, Any]:
+def privacy_section(ledger: Any, plan: PrivacyPlan, cfg: RunConfig, metrics: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
     """Manifest privacy fields (runs hook): ε of the ledger, the unit, and the federated summary (per
     tensor release, per client-round, per run, beside the paper's claim)."""
     from privaudit.runs import epsilon_section

@@ -540,29 +540,20 @@ class StudyPoint:
     a_secret: bool
     level: PrivacyLevel | None
 
-    def apply(self, base: Mapping[str, Any], scale_alpha: bool) -> dict[str, Any]:
-        cfg = json.loads(json.dumps(dict(base)))
-        cfg["mechanism"] = NAME
-        lora = dict(cfg.get("lora", {}))
-        base_rank = int(lora.get("rank", 8))
-        base_alpha = float(lora.get("alpha", 16.0))
-        lora["rank"] = self.rank
+    def sweep_point(self, base: Mapping[str, Any], scale_alpha: bool) -> Any:
+        """This point as a :class:`privaudit.sweep.SweepPoint` over the run config ``base``: rank (and
+        alpha, keeping s = alpha/r when ``scale_alpha``), A frozen, A secret or public, privacy level."""
+        from privaudit.sweep import SweepPoint
+
+        lora = base.get("lora") or {}
+        settings: list[tuple[str, Any]] = [("mechanism", NAME), ("lora.rank", self.rank), ("lora.freeze_a", True),
+                                           ("options.a_secret", self.a_secret)]
         if scale_alpha:
-            lora["alpha"] = base_alpha * self.rank / base_rank
-        lora["freeze_a"] = True
-        cfg["lora"] = lora
-        cfg["options"] = {**dict(cfg.get("options", {})), "a_secret": self.a_secret}
-        privacy = dict(cfg.get("privacy", {}))
-        privacy.pop("noise_multiplier", None)
-        privacy.pop("target_epsilon", None)
+            settings.append(("lora.alpha", float(lora.get("alpha", 16.0)) * self.rank / int(lora.get("rank", 8))))
         if self.level is None:
-            privacy["noise_multiplier"] = 0.0
-        elif self.level.noise_multiplier is not None:
-            privacy["noise_multiplier"] = self.level.noise_multiplier
-        else:
-            privacy["target_epsilon"] = self.level.target_epsilon
-        cfg["privacy"] = privacy
-        return cfg
+            return SweepPoint(self.name, noise_multiplier=0.0, settings=tuple(settings))
+        return SweepPoint(self.name, noise_multiplier=self.level.noise_multiplier,
+                          target_epsilon=self.level.target_epsilon, settings=tuple(settings))
 
 
 def study_points(spec: StudySpec) -> list[StudyPoint]:
@@ -643,95 +634,39 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
-
-
-def rank_figure(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """AUC (sketch canaries, loss, LiRA) and ε_lower against rank (A public / secret, noise-free and
-    noisy), with the DP-SGD ε of noisy runs and any claimed ε as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    groups: dict[tuple[bool, Any], list[Mapping[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((bool(r["a_secret"]), r.get("noise_multiplier") or 0.0), []).append(r)
-    for (secret, sigma), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        rs = sorted(rs, key=lambda r: r["rank"])
-        label = f"A {'secret' if secret else 'public'}" + (f", σ={sigma:.3g}" if sigma else ", no noise")
-        for auc_key, style in (("auc_sketch_canaries_one_run", "o-"), ("auc_loss", "s--"), ("auc_lira_online", "^:")):
-            if any(r.get(auc_key) is not None for r in rs):
-                ax1.plot([r["rank"] for r in rs], [_num(r.get(auc_key)) for r in rs], style,
-                         label=f"{label}: {auc_key[4:]}")
-        ax2.plot([r["rank"] for r in rs], [_num(r.get("epsilon_lower")) for r in rs], "o-", label=label)
-        acc = [r.get("accounted_epsilon") for r in rs]
-        if sigma and all(a is not None and math.isfinite(a) for a in acc):
-            ax2.plot([r["rank"] for r in rs], acc, "k--", lw=1, label=f"DP-SGD ε (σ={sigma:.3g})")
-    claims = {r["claimed_epsilon"] for r in rows if r.get("claimed_epsilon") is not None}
-    for c in claims:
-        ax2.axhline(c, color="red", ls=":", label=f"claimed ε = {c:g}")
-    for ax, title in ((ax1, "membership AUC"), (ax2, "empirical ε lower bound")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA rank r")
-        ax.set_title(title)
-        ax.legend(fontsize=6)
-    ax1.axhline(0.5, color="grey", lw=0.5)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
-
-
 def run_rank_study(cfg: RunConfig | Mapping[str, Any], ranks: Sequence[int], out_dir: str | Path, *,
                    spec: StudySpec | None = None, report: bool = True, quiet: bool = True,
                    log: Callable[[str], None] | None = None) -> RankStudyResult:
     """Train and audit ``cfg`` (a ``lora_sketch`` config) at each rank (× A public/secret, and the
-    added-noise levels of ``spec``); resumable like ``privaudit sweep`` (completed runs and audits are
-    skipped). Writes ``OUT/runs/<point>``, ``OUT/study.json``, ``OUT/study.csv``, ``OUT/study.md``,
-    ``OUT/rank_study.png`` and (``report``) ``OUT/report.pdf``."""
-    from privaudit.audit.auditor import audit_run
-    from privaudit.config import parse_config
-    from privaudit.runs import train
-    from privaudit.sweep import _clear_dir, _label, point_status
+    added-noise levels of ``spec``) as a :func:`privaudit.sweep.run_sweep` (resumable: completed runs
+    and audits are skipped). Writes ``OUT/runs/<point>``, ``OUT/sweep.json``, ``OUT/study.json``,
+    ``OUT/study.csv``, ``OUT/study.md``, ``OUT/rank_study.png`` (the report's rank figure) and
+    (``report``) ``OUT/report.pdf``."""
+    from privaudit.reports import figures as F
+    from privaudit.reports.runs_table import load_run_record
+    from privaudit.sweep import SweepPoint, run_sweep
 
     spec = spec or StudySpec()
     spec = spec.model_copy(update={"ranks": [int(r) for r in ranks]})
     if any(r < 1 for r in spec.ranks):
         raise ValueError(f"ranks: each must be >= 1, got {list(ranks)!r}")
     base = json.loads(cfg.model_dump_json()) if isinstance(cfg, RunConfig) else dict(cfg)
-    say = log or (lambda _m: None)
-    points = study_points(spec)
-    cfgs = [(p, parse_config(p.apply(base, spec.scale_alpha))) for p in points]  # validate all first
-    out = Path(out_dir)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    run_dirs: list[Path] = []
-    for i, (p, c) in enumerate(cfgs, 1):
-        rd = out / "runs" / p.name
-        status = point_status(rd)
-        say(f"[{i}/{len(cfgs)}] {p.name}: {status}")
-        if status == "interrupted":
-            if (rd / "checkpoint").exists():
-                train(None, rd, resume=True, progress=not quiet)
-            else:
-                _clear_dir(rd)
-                status = "new"
-        if status == "new":
-            train(c, rd, progress=not quiet)
-        _label(rd, p.name)
-        if point_status(rd) != "audited":
-            say(f"[{i}/{len(cfgs)}] {p.name}: auditing")
-            refs = spec.reference_models if not p.a_secret else 0
-            attacks = spec.attacks
-            if attacks is not None and refs == 0:
-                attacks = [a for a in attacks if a not in ("lira_online", "lira_offline", "rmia")]
-            audit_run(rd, attacks=attacks, reference_models=refs, seed=spec.audit_seed,
-                      max_records=spec.max_records, progress=not quiet)
-        run_dirs.append(rd)
-    rows = [study_row(rd) for rd in run_dirs]
+    study = study_points(spec)
+    a_secret = {p.name: p.a_secret for p in study}
+
+    def audit_settings(point: SweepPoint) -> dict[str, Any]:
+        # reference models are evaluated with their own A: only an observer who knows A can run them
+        refs = 0 if a_secret[point.name] else spec.reference_models
+        attacks = spec.attacks
+        if attacks is not None and refs == 0:
+            attacks = [a for a in attacks if a not in ("lira_online", "lira_offline", "rmia")]
+        return {"attacks": attacks, "reference_models": refs, "seed": spec.audit_seed,
+                "max_records": spec.max_records}
+
+    res = run_sweep(base, [p.sweep_point(base, spec.scale_alpha) for p in study], out_dir, report=report,
+                    quiet=quiet, log=log, audit_settings=audit_settings)
+    out = Path(res.out_dir)
+    rows = [study_row(rd) for rd in res.run_dirs]
     table = format_table(rows)
     (out / "study.json").write_text(json.dumps({"spec": spec.model_dump(mode="json"), "rows": _finite(rows)},
                                                indent=2), encoding="utf-8")
@@ -742,14 +677,8 @@ def run_rank_study(cfg: RunConfig | Mapping[str, Any], ranks: Sequence[int], out
         w.writeheader()
         for r in rows:
             w.writerow({k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()})
-    rank_figure(rows, out / "rank_study.png")
-    pdf: Path | None = None
-    if report:
-        from privaudit.reports import build_report
-
-        say("rendering the report")
-        pdf = build_report(run_dirs, out / "report.pdf").pdf
-    return RankStudyResult(out, tuple(rows), tuple(run_dirs), table, pdf)
+    F.save_png(F.attack_vs_rank([load_run_record(rd) for rd in res.run_dirs]), out / "rank_study.png")
+    return RankStudyResult(out, tuple(rows), tuple(res.run_dirs), table, res.report)
 
 
 def load_study(path: str | Path) -> tuple[dict[str, Any], StudySpec]:
