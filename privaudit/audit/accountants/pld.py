@@ -9,11 +9,17 @@ with noise ``σ`` in units of the sensitivity. Its dominating pairs (Zhu, Dong &
 
 Under add/remove neighbours the orientation is the same for every release of a run, so all
 segments are composed once in the remove orientation and once in the add orientation, and the
-larger δ(ε) is taken. Under *replace* neighbours with q < 1 neither orientation alone dominates a
-release; by advanced joint convexity (Balle et al. 2018) the replace pair's privacy profile on
-ε ≥ 0 (both orders) is bounded by the remove pair at the replace sensitivity, so we compose the
-*symmetrised* remove pair (the positive-loss part of the remove PLD, mirrored: ω(−l) = e^−l ω(l),
-the rest at loss 0), which is a valid — conservative — dominating pair for each release.
+larger δ(ε) is taken. Under *replace* neighbours with q < 1 the Gaussian uses the tight replace-one
+pair (``replace_one``; Zhu, Dong & Wang 2022; dp_accounting's ``AdjacencyType.REPLACE``): with the
+noise in units of the replace sensitivity 2C (a record's clipped contribution g(x) moves to g(x'),
+‖g‖ ≤ C, worst case g(x') = −g(x)),
+
+* replace_one: P = (1-q)·μ + q·μ(· − ½), Q = (1-q)·μ + q·μ(· + ½),
+
+which is symmetric (x ↦ −x swaps P and Q), so one orientation covers both orders. Laplace under
+replace with q < 1 keeps the *symmetrised* remove pair (advanced joint convexity, Balle et al. 2018:
+the positive-loss part of the remove PLD at the replace sensitivity, mirrored: ω(−l) = e^−l ω(l),
+the rest at loss 0), a valid but conservative dominating pair.
 
 Discretisation on the grid l_j = jΔ:
 
@@ -66,7 +72,7 @@ __all__ = [
     "default_grid",
 ]
 
-Direction = Literal["remove", "add", "replace"]
+Direction = Literal["remove", "add", "replace", "replace_one"]
 
 #: Standard-normal quantile for single-release truncation (Φ̄(10) ≈ 7.6e-24).
 _Z_TAIL = 10.0
@@ -86,7 +92,8 @@ class PairSpec:
     """One release of a mechanism, in one orientation of its dominating pair.
 
     ``noise``: σ (Gaussian, std / L2 sensitivity) or b (Laplace, scale / L1 sensitivity);
-    ``q``: Poisson sample rate; ``direction``: remove / add / replace (symmetrised remove pair).
+    ``q``: Poisson sample rate; ``direction``: remove / add / replace (symmetrised remove pair) /
+    replace_one (the tight Gaussian replace pair, components at ±½ sensitivity; see module docstring).
     """
 
     kind: Literal["gaussian", "laplace"]
@@ -109,7 +116,7 @@ def pair_specs(seg: Segment) -> dict[str, PairSpec]:
         s = PairSpec(seg.kind, float(seg.noise), 1.0, "remove")
         return {"remove": s, "add": s}
     if getattr(seg, "neighbouring", "add_remove") == "replace":
-        s = PairSpec(seg.kind, float(seg.noise), q, "replace")
+        s = PairSpec(seg.kind, float(seg.noise), q, "replace_one" if seg.kind == "gaussian" else "replace")
         return {"remove": s, "add": s}
     return {"remove": PairSpec(seg.kind, float(seg.noise), q, "remove"),
             "add": PairSpec(seg.kind, float(seg.noise), q, "add")}
@@ -151,6 +158,10 @@ def loss_tails(spec: PairSpec, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pg, qg = loss_tails(base, np.abs(t))
         return np.where(neg, 1.0 - qg, pg), np.where(neg, 1.0 - pg, qg)
     q, s = spec.q, spec.noise
+    if spec.direction == "replace_one":
+        x = replace_one_x(t, q, s)  # L increasing; L > t  <=>  x > x(t)
+        a = (1 - q) * _ndtr(-x / s)
+        return a + q * _ndtr((0.5 - x) / s), a + q * _ndtr((-0.5 - x) / s)
     if spec.kind == "gaussian":
         if spec.direction == "remove":
             # L(x) = log(1-q + q exp((2x-1)/(2σ²))), increasing; L > t  <=>  x > x(t)
@@ -187,8 +198,46 @@ def _gauss_remove_loss(x: float, q: float, s: float) -> float:
     return float(np.logaddexp(math.log1p(-q), math.log(q) + v))
 
 
+def replace_one_loss(x: np.ndarray, q: float, s: float) -> np.ndarray:
+    """Privacy loss log(dP/dQ)(x) of the replace_one pair (increasing in x)."""
+    x = np.asarray(x, dtype=float)
+
+    def a(w: np.ndarray) -> np.ndarray:  # log(1 − q + q e^w), accurate for tiny q·(e^w − 1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            small = np.log1p(q * np.expm1(np.minimum(w, 50.0)))
+        big = np.logaddexp(math.log1p(-q) if q < 1 else -np.inf, math.log(q) + w)
+        return np.where(w < 50.0, small, big)
+
+    return a((x - 0.25) / (2 * s * s)) - a((-x - 0.25) / (2 * s * s))
+
+
+def replace_one_x(t: np.ndarray, q: float, s: float) -> np.ndarray:
+    """The x at which the replace_one loss equals t (the loss is increasing and onto ℝ).
+
+    With y = e^{x/(2σ²)}, c = q e^{−1/(8σ²)}, B = (1 − q)(1 − e^t): c y² + B y − c e^t = 0, solved
+    in logarithms without cancellation for either sign of B.
+    """
+    t = np.asarray(t, dtype=float)
+    lc2 = math.log(2 * q) - 1.0 / (8 * s * s)  # log 2c
+    l1q = math.log1p(-q)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        pos = t > 0
+        tp = np.where(pos, t, 1.0)
+        tn = np.where(pos, -1.0, t)
+        lb_pos = l1q + tp + np.log(-np.expm1(-tp))  # log|B| for t > 0
+        lb_neg = l1q + np.log(-np.expm1(tn))  # log B for t ≤ 0 (−inf at 0)
+        lb = np.where(pos, lb_pos, lb_neg)
+        lr = 2 * lc2 + t  # log 4c²e^t
+        root = np.logaddexp(lb, 0.5 * np.logaddexp(2 * lb, lr))  # log(|B| + √(B² + 4c²e^t))
+        log_y = np.where(pos, root - lc2, lc2 + t - root)
+    return 2 * s * s * log_y
+
+
 def loss_range(spec: PairSpec, z: float = _Z_TAIL) -> tuple[float, float]:
     """[lo, hi] holding the single-release loss but for P-mass ≲ Φ̄(z) on either side."""
+    if spec.direction == "replace_one":
+        hi = float(replace_one_loss(np.array([0.5 + spec.noise * z]), spec.q, spec.noise)[0])
+        return -hi, hi
     if spec.direction == "replace":
         hi = max(loss_range(spec.base, z)[1], 0.0)
         return -hi, hi
@@ -211,13 +260,17 @@ def loss_range(spec: PairSpec, z: float = _Z_TAIL) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------
 @dataclass
 class Discrete:
-    """A discretised single-release PLD: P-masses ``pmf`` at losses (offset + i)·Δ + shift."""
+    """A discretised single-release PLD: P-masses ``pmf`` at losses (offset + i)·Δ + shift.
+
+    ``mean_error``: a bound on how far the discrete mean may sit from the intended one (used by the
+    PRV accountant's mean-shifted discretisation; 0 elsewhere)."""
 
     offset: int
     pmf: np.ndarray
     inf_mass: float
     grid: float
     shift: float = 0.0
+    mean_error: float = 0.0
 
     @property
     def losses(self) -> np.ndarray:
@@ -355,6 +408,11 @@ class Composed:
 
     ``inf_mass``: mass at +∞; ``above``/``below``: bounds on the mass beyond the window;
     ``noise``: allowance for FFT rounding (absolute, on any δ).
+
+    Exponentially tilted composition (``tilt`` = λ > 0, for small δ): the inputs were tilted by
+    e^{λl} before the FFT and the result untilted, so the rounding error of the entry at loss l is
+    at most e^{log_entry_noise − λl} — tiny in the upper tail that δ(ε) depends on, huge far below
+    it. The allowance on δ(ε) is then Σ_{l_t > ε} of it (:meth:`tail_noise`); ``noise`` is 0.
     """
 
     w0: int
@@ -366,6 +424,18 @@ class Composed:
     below: float
     noise: float
     _cache: dict = field(default_factory=dict, repr=False)
+    tilt: float = 0.0
+    log_entry_noise: float = -math.inf
+
+    def tail_noise(self, first_loss: np.ndarray | float) -> np.ndarray:
+        """Rounding allowance on Σ_{l_t ≥ first_loss} r_t (tilted compositions; 0 otherwise)."""
+        x = np.asarray(first_loss, dtype=float)
+        if self.tilt <= 0:
+            return np.zeros(x.shape)
+        lam = self.tilt
+        with np.errstate(over="ignore"):
+            return np.exp(np.minimum(self.log_entry_noise - lam * x
+                                     - math.log(-math.expm1(-lam * self.grid)), 700.0))
 
     @property
     def losses(self) -> np.ndarray:
@@ -380,15 +450,21 @@ class Composed:
         key = ("tails", pessimistic)
         if key not in self._cache:
             r = np.clip(self.pmf, 0.0, None) if pessimistic else self.pmf
+            if self.tilt > 0 and pessimistic:
+                r = np.minimum(r, 1.0)  # entries far below the tail: rounding garbage, ≤ 1 anyway
             a = np.cumsum(r[::-1])[::-1]
             w = math.exp(-self.grid)
             g = lfilter([0.0, w], [1.0, -w], r[::-1])[::-1]
             self._cache[key] = (np.append(a[1:], 0.0), g)
         return self._cache[key]
 
-    def check_resolution(self, delta: float) -> None:
-        """Refuse a δ below what the floating-point FFT composition can resolve."""
-        if self.noise + self.above > 0.1 * delta:
+    def check_resolution(self, delta: float, epsilon: float | None = None) -> None:
+        """Refuse a δ below what the floating-point FFT composition can resolve (at ``epsilon``,
+        for a tilted composition)."""
+        noise = self.noise
+        if self.tilt > 0:
+            noise = float(self.tail_noise(epsilon if epsilon is not None else -math.inf))
+        if noise + self.above > 0.1 * delta:
             raise ValueError(
                 f"delta: {delta:g} is below the floating-point resolution of the FFT composition "
                 f"(error bound {self.noise + self.above:.1e}); use the rdp accountant for it")
@@ -404,6 +480,9 @@ class Composed:
         m = ls > epsilon
         with np.errstate(over="ignore"):
             val = float(np.sum(r[m] * -np.expm1(epsilon - ls[m])))
+        if self.tilt > 0 and m.any():
+            tn = float(self.tail_noise(ls[m][0]))
+            val += tn if pessimistic else -tn
         d = val + self.extra(pessimistic)
         if pessimistic and epsilon < ls[0]:
             d = 1.0  # below the window nothing is known
@@ -416,8 +495,16 @@ class Composed:
             return math.inf
         a, g = self._tails(pessimistic)
         ls = self.losses
-        dgrid = a - g + extra  # δ at each grid point
-        ok = np.nonzero(dgrid <= delta)[0]
+        ex = np.full(ls.size, extra)
+        if self.tilt > 0:  # rounding allowance on the entries above each grid point
+            tn = self.tail_noise(ls + self.grid)
+            ex = ex + (tn if pessimistic else -tn)
+        dgrid = a - g + ex  # δ at each grid point
+        if pessimistic:
+            ok = np.nonzero(dgrid <= delta)[0]
+        else:  # the largest grid loss still certified above δ, and the point after it
+            bad = np.nonzero(dgrid > delta)[0]
+            ok = np.arange(bad[-1] + 1, ls.size) if bad.size else np.arange(ls.size)
         if ok.size == 0:
             # pessimistic: no ε in the window is certified; optimistic: δ > target up to the top
             return math.inf if pessimistic else float(ls[-1])
@@ -425,7 +512,7 @@ class Composed:
         if s == 0:
             return max(float(ls[0]), 0.0) if pessimistic else 0.0
         # on [l_{s-1}, l_s): δ(ε) = A_{s-1} − e^{ε − l_{s-1}} G_{s-1} + extra
-        num = a[s - 1] + extra - delta
+        num = a[s - 1] + ex[s - 1] - delta
         if g[s - 1] <= 0 or num <= 0:
             eps = float(ls[s])
         else:
@@ -434,13 +521,18 @@ class Composed:
 
 
 def compose(items: Sequence[tuple[Discrete, int]], tau: float = 1e-16,
-            window: tuple[int, int] | None = None, lambdas: np.ndarray | None = None) -> Composed:
+            window: tuple[int, int] | None = None, lambdas: np.ndarray | None = None,
+            tilt_delta: float | None = None) -> Composed:
     """Compose discretised PLDs (each repeated ``count`` times) by FFT.
 
     The window of the composed loss comes from Chernoff bounds — exact moment generating
     functions of the discretised PLDs at orders λ = ±2^-3 … ±2^8 — so that at most ``tau`` of
     mass lies beyond either end (or ``window`` = (W0, N) in grid indices). The bounds for the
     window actually used are kept in the result and counted into δ.
+
+    ``tilt_delta``: compose the exponentially tilted PLDs (λ: the order of the best Chernoff
+    bound on the loss at that δ) so that the upper tail keeps relative precision — for δ below
+    the absolute rounding floor of the FFT (see :class:`Composed`).
     """
     grid = items[0][0].grid
     mass_log = 0.0
@@ -472,8 +564,46 @@ def compose(items: Sequence[tuple[Discrete, int]], tau: float = 1e-16,
     with np.errstate(over="ignore", invalid="ignore"):
         above = float(np.nanmin(np.exp(np.minimum(K[:npos] - lam_hi * top, 0.0))))
         below = float(np.nanmin(np.exp(np.minimum(K[npos:] + lam_lo * bot, 0.0))))
+    tilt, k_tilt, alias = 0.0, 0.0, 0.0
+    if tilt_delta is not None:
+        # λ of the best Chernoff bound at δ on a fine grid of orders (not the largest: larger
+        # ones must remain to bound the tilted distribution's upper tail)
+        lam_f = 2.0 ** np.arange(-4.0, 8.01, 1 / 16)
+        k_f = np.zeros(lam_f.size)
+        for d, c in items:
+            k_f += c * _log_mgf(d, lam_f)
+        with np.errstate(invalid="ignore"):
+            chern = (k_f[:-16] - math.log(tilt_delta)) / lam_f[:-16]
+        chern = np.where(np.isfinite(chern), chern, np.inf)
+        i_best = int(np.argmin(chern))
+        tilt, k_tilt = float(lam_f[i_best]), float(k_f[i_best])
+        if math.isfinite(k_tilt) and math.isfinite(float(chern[i_best])):
+            # the tilted mass beyond the window wraps around the FFT onto every loss: widen the
+            # window until it is ≤ 1e-7·λΔ (by Chernoff bounds on the tilted variable, orders
+            # λ + μ), and count what remains into every entry's error
+            mu = lam_f[i_best + 1:] - tilt
+            k_mu = k_f[i_best + 1:] - k_tilt
+            with np.errstate(invalid="ignore"):
+                t_top = float(np.nanmin((k_mu - math.log(1e-7 * tilt * grid)) / mu))
+            if math.isfinite(t_top) and window is None:
+                n = sfft.next_fast_len(max(w1, math.ceil((t_top - shift) / grid) + 1) - w0 + 1,
+                                       real=True)
+            top = (w0 + n) * grid + shift
+            with np.errstate(over="ignore", invalid="ignore"):
+                alias = float(np.nanmin(np.exp(np.minimum(k_mu - mu * top, 0.0))))
+                alias += math.exp(min(tilt * bot - k_tilt, 0.0)) * below
+        else:
+            tilt, k_tilt = 0.0, 0.0
     if n > _MAX_FFT:
         raise _GridTooFine(n)
+    if tilt > 0:  # e^{λl}/M(λ) on each input: the tilted inputs are probability vectors
+        tilted = []
+        for d, c in items:
+            lm = float(_log_mgf(d, np.array([tilt]))[0])
+            with np.errstate(divide="ignore"):
+                lw = np.log(np.clip(d.pmf, 0.0, None)) + tilt * d.losses - lm
+            tilted.append((Discrete(d.offset, np.exp(lw), d.inf_mass, d.grid, d.shift), c))
+        items = tilted
     spec = None
     log_m = np.zeros(n // 2 + 1)  # log Π |F_i|^(c_i − 1): how powering amplifies input errors
     amp = 0.0  # Σ c_i ‖a_i‖₂
@@ -494,8 +624,19 @@ def compose(items: Sequence[tuple[Discrete, int]], tau: float = 1e-16,
     # refused by the accountants.
     u, lg = np.finfo(float).eps / 2, math.log2(max(n, 2))
     m_norm = math.sqrt(2.0 * float(np.sum(np.exp(2.0 * log_m))))
-    noise = 10 * u * (math.sqrt(lg) * amp * m_norm + 2 * lg * float(np.sum(np.abs(spec))))
     inf_mass = -math.expm1(mass_log) if math.isfinite(mass_log) else 1.0
+    if tilt > 0:
+        # per entry: ‖input error‖₂ ≤ (Σ over the window)/√N, inverse transform ≤ (its sum)/N;
+        # the untilted entry at loss l is e^{K(λ) − λl} times the tilted one (K: log-MGF total)
+        entry = 10 * u * (math.sqrt(lg) * amp * m_norm / math.sqrt(n)
+                          + 2 * lg * float(np.sum(np.abs(spec))) / n)
+        ls = (w0 + np.arange(n)) * grid + shift
+        with np.errstate(over="ignore"):
+            res = res * np.exp(np.minimum(k_tilt - tilt * ls, 700.0))
+        log_entry = math.log(entry + alias) + k_tilt if entry + alias > 0 else -math.inf
+        return Composed(w0, res, grid, shift, inf_mass, above, below, 0.0,
+                        tilt=tilt, log_entry_noise=log_entry)
+    noise = 10 * u * (math.sqrt(lg) * amp * m_norm + 2 * lg * float(np.sum(np.abs(spec))))
     return Composed(w0, res, grid, shift, inf_mass, above, below, noise)
 
 
@@ -582,14 +723,16 @@ def tail_quantile(delta: float | None, total_count: int) -> float:
 
 
 def compose_orientation(items: list[tuple[PairSpec, int]], grid: float, pessimistic: bool,
-                        tau: float = 1e-16, z: float = _Z_TAIL) -> Composed:
-    """Discretise and compose one orientation; coarsens the grid if the window would be too long."""
+                        tau: float = 1e-16, z: float = _Z_TAIL,
+                        tilt_delta: float | None = None) -> Composed:
+    """Discretise and compose one orientation; coarsens the grid if the window would be too long.
+    ``tilt_delta``: see :func:`compose`."""
     disc: Callable[[PairSpec, float, float], Discrete] = (
         discretise_pessimistic if pessimistic else discretise_optimistic)
     items = _merge(items)
     while True:
         try:
-            return compose([(disc(p, grid, z), c) for p, c in items], tau)
+            return compose([(disc(p, grid, z), c) for p, c in items], tau, tilt_delta=tilt_delta)
         except _GridTooFine as e:
             grid *= 1.05 * e.n / _MAX_FFT
 
@@ -637,10 +780,19 @@ class PLDAccountant(Accountant):
         orients = _orientations(segments)
         k = sum(int(s.count) for s in segments)
         tau, z = 1e-5 * delta, tail_quantile(delta, k)
+        tilted: dict[int, bool] = {}
+
         def upper(items: list[tuple[PairSpec, int]], grid: float) -> float:
             c = compose_orientation(items, grid, True, tau, z)
-            c.check_resolution(delta)
-            return c.epsilon(delta)
+            try:
+                c.check_resolution(delta)
+                return c.epsilon(delta)
+            except ValueError:  # δ below the FFT's absolute rounding floor: tilt (see compose)
+                c = compose_orientation(items, grid, True, tau, z, tilt_delta=delta)
+                eps = c.epsilon(delta)
+                c.check_resolution(delta, eps)
+                tilted[id(items)] = True
+                return eps
 
         ups = {"remove": upper(orients["remove"], gp)}
         if "add" in orients:
@@ -652,7 +804,9 @@ class PLDAccountant(Accountant):
         lower: float | None = None
         if self.lower_bound:
             worst = max(ups, key=lambda o: ups[o])
-            lower = compose_orientation(orients[worst], go, False, tau, z).epsilon(delta, False)
+            lower = compose_orientation(orients[worst], go, False, tau, z,
+                                        tilt_delta=delta if tilted.get(id(orients[worst])) else None
+                                        ).epsilon(delta, False)
             lower = min(lower, upper)
         reason = None if math.isfinite(upper) else "mass at infinite privacy loss exceeds delta"
         return EpsilonResult(upper, lower, upper, self.name, delta, reason)
