@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -79,3 +80,40 @@ def test_delta_query_bounds() -> None:
 
     d = PRVAccountant()._delta([Segment("gaussian", 2.0, 1.0, 4)], 1.0)
     assert gaussian_delta(1.0, 1.0) <= d <= gaussian_delta(1.0, 0.98) + 1e-9
+
+
+@pytest.mark.parametrize("sigma,q,steps,truth_at_least", [
+    (0.3647, 3.71e-4, 857, 7.98298),       # issue 14: PRV reported 7.97945
+    (0.5891, 4.2e-5, 177_990, 0.55568),    # issue 14: PRV reported 0.53004 (prv_accountant 0.5661 up)
+])
+def test_regression_mean_shift_under_statement(sigma: float, q: float, steps: int,
+                                               truth_at_least: float) -> None:
+    """The mesh-shift mean was a trapezoid rule (off by up to h/2 per release); the reported ε and
+    its upper bound fell below the true ε. Both must now be at least the known lower bound, and the
+    bracket must contain our PLD's (independently computed) bracket's overlap."""
+    res = PRVAccountant()._epsilon([Segment("gaussian", sigma, q, steps)], 1e-6)
+    assert res.epsilon == res.epsilon_upper >= truth_at_least
+    pld = PLDAccountant()._epsilon([Segment("gaussian", sigma, q, steps)], 1e-6)
+    assert res.epsilon_lower <= pld.epsilon_upper
+    assert res.epsilon_upper - res.epsilon_lower < 0.05
+
+
+def test_truncated_mean_matches_quadrature() -> None:
+    """The mean used for the shift against scipy quad over the output x (the issue's 2nd case)."""
+    from scipy import integrate, stats
+
+    from privaudit.audit.accountants.pld import PairSpec
+    from privaudit.audit.accountants.prv import truncated_loss_mean
+
+    s, q = 0.5891, 4.2e-5
+    spec = PairSpec("gaussian", s, q, "remove")
+
+    def integrand(x: float) -> float:
+        v = (2 * x - 1) / (2 * s * s)
+        return math.log1p(q * math.expm1(v)) * ((1 - q) * stats.norm.pdf(x, 0, s) + q * stats.norm.pdf(x, 1, s))
+
+    ref, _ = integrate.quad(integrand, -12 * s, 1 + 12 * s, points=[0.0, 0.5, 1.0], epsabs=1e-17,
+                            epsrel=1e-12, limit=500)
+    got, err = truncated_loss_mean(spec, -50.0, 50.0)
+    assert abs(got - ref) <= max(10 * err, 1e-16)
+    assert err < 1e-13

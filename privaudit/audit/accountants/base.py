@@ -39,9 +39,10 @@ from privaudit.audit.events import (
 @dataclass(frozen=True)
 class EpsilonResult:
     """ε at a given δ. ``epsilon_lower``/``epsilon_upper`` bound the true ε of the composed mechanism
-    where the method provides bounds (None otherwise). ``epsilon`` is the value to report; it is
-    never below the true ε when ``epsilon_upper`` is None (RDP is an upper bound by construction).
-    ``epsilon == inf`` means no formal guarantee; ``reason`` says why."""
+    where the method provides bounds (None otherwise). ``epsilon`` is the value to report and what
+    every consumer (calibration, auditor, manifest, report) uses: always a valid upper bound — never
+    below ``epsilon_upper`` (raised to it on construction), and an upper bound by construction where
+    ``epsilon_upper`` is None. ``epsilon == inf`` means no formal guarantee; ``reason`` says why."""
 
     epsilon: float
     epsilon_lower: float | None
@@ -49,6 +50,11 @@ class EpsilonResult:
     accountant: str
     delta: float
     reason: str | None = None
+
+    def __post_init__(self) -> None:
+        # fail-closed: an estimate below the accountant's own upper bound is never reported
+        if self.epsilon_upper is not None and not self.epsilon >= self.epsilon_upper:
+            object.__setattr__(self, "epsilon", float(self.epsilon_upper))
 
     @property
     def has_guarantee(self) -> bool:

@@ -301,7 +301,7 @@ class PRVAccountant(RDPDomainAccountant):
             else:
                 lo_a, est_a, up_a = self._bounds(self._compose(orients["add"], segments, de), delta, de)
                 lo, est, up = max(lo, lo_a), max(est, est_a), max(up, up_a)
-        lo = min(lo, up)
+        lo, up = float(min(lo, up)), float(up)
         reason = None if math.isfinite(up) else "privacy loss at infinity exceeds delta"
         return EpsilonResult(up, lo, up, self.name, delta, reason)
 
