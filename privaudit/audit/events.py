@@ -70,11 +70,22 @@ class GaussianEvent(_Event):
         return self
 
     def effective_noise_multiplier(self, neighbouring: Neighbouring = "add_remove") -> float:
-        """Noise std divided by the L2 sensitivity of one release under ``neighbouring``."""
+        """Noise std divided by the L2 sensitivity of one release under ``neighbouring``.
+
+        Default sensitivity (when ``sensitivity`` is not given): C for ``full``/``poisson`` under
+        add/remove (the record's clipped term appears or not); 2C under replace (g(x) → g(x')), and
+        2C for ``fixed_batch`` under either relation: a batch always has B slots, so an added record
+        displaces another from its batch (−C in, +C out). This charge rests on coupling the runs
+        on D and D' = D ∪ {x} so that x takes one slot of one batch per pass and the displaced record
+        leaves that pass; with a sampler whose later batch boundaries depend on the data-set size
+        (a stream of permutations of N vs N + 1 records) that coupling is an assumption, not a
+        proof — prefer Poisson sampling, or the replace relation (N fixed, where it is exact).
+        """
         clip = self.clip_norm if self.clip_norm is not None else 1.0
         sens = self.sensitivity
         if sens is None:
-            sens = clip * (2.0 if neighbouring == "replace" else 1.0)
+            doubled = neighbouring == "replace" or self.sampling == "fixed_batch"
+            sens = clip * (2.0 if doubled else 1.0)
         return self.noise_multiplier * clip / sens
 
     def accounted_releases(self) -> tuple[float, int]:
