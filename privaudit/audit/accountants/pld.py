@@ -464,10 +464,10 @@ class Composed:
         noise = self.noise
         if self.tilt > 0:
             noise = float(self.tail_noise(epsilon if epsilon is not None else -math.inf))
-        if noise + self.above > 0.1 * delta:
+        if not noise + self.above <= 0.1 * delta:
             raise ValueError(
                 f"delta: {delta:g} is below the floating-point resolution of the FFT composition "
-                f"(error bound {self.noise + self.above:.1e}); use the rdp accountant for it")
+                f"(error bound {noise + self.above:.1e}); use the rdp accountant for it")
 
     def extra(self, pessimistic: bool) -> float:
         if pessimistic:
@@ -522,7 +522,7 @@ class Composed:
 
 def compose(items: Sequence[tuple[Discrete, int]], tau: float = 1e-16,
             window: tuple[int, int] | None = None, lambdas: np.ndarray | None = None,
-            tilt_delta: float | None = None) -> Composed:
+            tilt_delta: float | None = None, tilt_at: float | None = None) -> Composed:
     """Compose discretised PLDs (each repeated ``count`` times) by FFT.
 
     The window of the composed loss comes from Chernoff bounds — exact moment generating
@@ -532,7 +532,9 @@ def compose(items: Sequence[tuple[Discrete, int]], tau: float = 1e-16,
 
     ``tilt_delta``: compose the exponentially tilted PLDs (λ: the order of the best Chernoff
     bound on the loss at that δ) so that the upper tail keeps relative precision — for δ below
-    the absolute rounding floor of the FFT (see :class:`Composed`).
+    the absolute rounding floor of the FFT (see :class:`Composed`). ``tilt_at``: instead, the λ
+    whose tilted distribution is centred near that loss (max λ·l − K(λ)), for when the true ε lies
+    well below the Chernoff bound's.
     """
     grid = items[0][0].grid
     mass_log = 0.0
@@ -568,7 +570,7 @@ def compose(items: Sequence[tuple[Discrete, int]], tau: float = 1e-16,
     if tilt_delta is not None:
         # λ of the best Chernoff bound at δ on a fine grid of orders (not the largest: larger
         # ones must remain to bound the tilted distribution's upper tail)
-        lam_f = 2.0 ** np.arange(-4.0, 8.01, 1 / 16)
+        lam_f = 2.0 ** np.arange(-12.0, 8.01, 1 / 16)
         k_f = np.zeros(lam_f.size)
         for d, c in items:
             k_f += c * _log_mgf(d, lam_f)
@@ -576,15 +578,22 @@ def compose(items: Sequence[tuple[Discrete, int]], tau: float = 1e-16,
             chern = (k_f[:-16] - math.log(tilt_delta)) / lam_f[:-16]
         chern = np.where(np.isfinite(chern), chern, np.inf)
         i_best = int(np.argmin(chern))
+        t_ref = float(chern[i_best])
+        if tilt_at is not None:
+            legendre = np.where(np.isfinite(k_f[:-16]), lam_f[:-16] * tilt_at - k_f[:-16], -np.inf)
+            i_best, t_ref = int(np.argmax(legendre)), float(tilt_at)
         tilt, k_tilt = float(lam_f[i_best]), float(k_f[i_best])
         if math.isfinite(k_tilt) and math.isfinite(float(chern[i_best])):
             # the tilted mass beyond the window wraps around the FFT onto every loss: widen the
-            # window until it is ≤ 1e-7·λΔ (by Chernoff bounds on the tilted variable, orders
-            # λ + μ), and count what remains into every entry's error
+            # window until it is ≤ 1e-7·λΔ and its effect at the reference loss ≤ 1e-3·δ (by
+            # Chernoff bounds on the tilted variable, orders λ + μ), and count what remains into
+            # every entry's error
             mu = lam_f[i_best + 1:] - tilt
             k_mu = k_f[i_best + 1:] - k_tilt
+            log_target = min(math.log(1e-7 * tilt * grid),
+                             math.log(1e-3 * tilt_delta * tilt * grid) + tilt * t_ref - k_tilt)
             with np.errstate(invalid="ignore"):
-                t_top = float(np.nanmin((k_mu - math.log(1e-7 * tilt * grid)) / mu))
+                t_top = float(np.nanmin((k_mu - log_target) / mu))
             if math.isfinite(t_top) and window is None:
                 n = sfft.next_fast_len(max(w1, math.ceil((t_top - shift) / grid) + 1) - w0 + 1,
                                        real=True)
@@ -724,15 +733,16 @@ def tail_quantile(delta: float | None, total_count: int) -> float:
 
 def compose_orientation(items: list[tuple[PairSpec, int]], grid: float, pessimistic: bool,
                         tau: float = 1e-16, z: float = _Z_TAIL,
-                        tilt_delta: float | None = None) -> Composed:
+                        tilt_delta: float | None = None, tilt_at: float | None = None) -> Composed:
     """Discretise and compose one orientation; coarsens the grid if the window would be too long.
-    ``tilt_delta``: see :func:`compose`."""
+    ``tilt_delta``, ``tilt_at``: see :func:`compose`."""
     disc: Callable[[PairSpec, float, float], Discrete] = (
         discretise_pessimistic if pessimistic else discretise_optimistic)
     items = _merge(items)
     while True:
         try:
-            return compose([(disc(p, grid, z), c) for p, c in items], tau, tilt_delta=tilt_delta)
+            return compose([(disc(p, grid, z), c) for p, c in items], tau, tilt_delta=tilt_delta,
+                           tilt_at=tilt_at)
         except _GridTooFine as e:
             grid *= 1.05 * e.n / _MAX_FFT
 
@@ -780,7 +790,7 @@ class PLDAccountant(Accountant):
         orients = _orientations(segments)
         k = sum(int(s.count) for s in segments)
         tau, z = 1e-5 * delta, tail_quantile(delta, k)
-        tilted: dict[int, bool] = {}
+        tilted: dict[int, bool | float] = {}
 
         def upper(items: list[tuple[PairSpec, int]], grid: float) -> float:
             c = compose_orientation(items, grid, True, tau, z)
@@ -790,8 +800,17 @@ class PLDAccountant(Accountant):
             except ValueError:  # δ below the FFT's absolute rounding floor: tilt (see compose)
                 c = compose_orientation(items, grid, True, tau, z, tilt_delta=delta)
                 eps = c.epsilon(delta)
-                c.check_resolution(delta, eps)
                 tilted[id(items)] = True
+                try:
+                    c.check_resolution(delta, eps)
+                except ValueError:  # the answer lies well below the Chernoff bound: re-centre
+                    if not math.isfinite(eps):
+                        raise
+                    c = compose_orientation(items, grid, True, tau, z, tilt_delta=delta,
+                                            tilt_at=0.5 * eps)
+                    eps = c.epsilon(delta)
+                    c.check_resolution(delta, eps)
+                    tilted[id(items)] = 0.5 * eps
                 return eps
 
         ups = {"remove": upper(orients["remove"], gp)}
@@ -804,8 +823,10 @@ class PLDAccountant(Accountant):
         lower: float | None = None
         if self.lower_bound:
             worst = max(ups, key=lambda o: ups[o])
+            how = tilted.get(id(orients[worst]))
             lower = compose_orientation(orients[worst], go, False, tau, z,
-                                        tilt_delta=delta if tilted.get(id(orients[worst])) else None
+                                        tilt_delta=delta if how is not None else None,
+                                        tilt_at=how if isinstance(how, float) else None
                                         ).epsilon(delta, False)
             lower = min(lower, upper)
         reason = None if math.isfinite(upper) else "mass at infinite privacy loss exceeds delta"
