@@ -66,10 +66,13 @@ class Case:
         return GaussianEvent(noise_multiplier=self.sigma, sample_rate=self.q, count=self.steps)
 
 
-def random_cases(n: int, seed: int, max_steps: int = 10**6) -> list[Case]:
+def random_cases(n: int, seed: int, max_steps: int = 10**6, max_mu: float = math.inf) -> list[Case]:
+    """``n`` seeded configs (see the module docstring). ``max_mu``: redraw configs whose charged
+    mechanism without subsampling would have μ = √k/σ above it (ε in the thousands: slow for the
+    numerical accountants and not a regime anyone reports)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
+    out: list[Case] = []
+    while len(out) < n:
         sigma = float(10 ** rng.uniform(math.log10(0.3), 1.0))
         steps = int(round(10 ** rng.uniform(0.0, math.log10(max_steps))))
         delta = float(10 ** rng.uniform(-12.0, -3.0))
@@ -83,6 +86,9 @@ def random_cases(n: int, seed: int, max_steps: int = 10**6) -> list[Case]:
             out.append(Case(sigma, 1.0, steps, delta, rel))
         else:
             out.append(Case(sigma, float(10 ** rng.uniform(-6.0, 0.0)), steps, delta, rel))
+        s_eff, _, k = charged(out[-1])
+        if math.sqrt(k) / s_eff > max_mu:
+            out.pop()
     return out
 
 
@@ -143,10 +149,13 @@ def oracle(case: Case, rdp_eps: float) -> tuple[float, float | None] | None:
     d_eval = max(case.delta, 1e-9)
     out = []
     for pess in (False, True):
-        pld = pldlib.from_gaussian_mechanism(dp_sigma, sensitivity=1.0, pessimistic_estimate=pess,
-                                             value_discretization_interval=interval, sampling_prob=q,
-                                             use_connect_dots=pess, neighboring_relation=rel)
-        out.append(float(pld.self_compose(k).get_epsilon_for_delta(d_eval)))
+        try:
+            pld = pldlib.from_gaussian_mechanism(
+                dp_sigma, sensitivity=1.0, pessimistic_estimate=pess, value_discretization_interval=interval,
+                sampling_prob=q, use_connect_dots=pess, neighboring_relation=rel)
+            out.append(float(pld.self_compose(k).get_epsilon_for_delta(d_eval)))
+        except (OverflowError, ValueError, MemoryError):  # beyond the oracle's numeric range
+            return None
     return out[0], (out[1] if d_eval == case.delta else None)
 
 
