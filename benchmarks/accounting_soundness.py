@@ -15,7 +15,8 @@ Independent oracles (none shares code with the accountants):
 * q < 1: dp_accounting 0.6's PLD (add/remove: ADD_OR_REMOVE_ONE; replace: REPLACE_ONE with its
   sensitivity 1 = our C, i.e. σ_dp = 2σ_ours) — its *optimistic* estimate (privacy buckets, a
   garbling of the true pair) as the lower bound and its pessimistic one as the upper bound, on a
-  grid scaled to the RDP ε. Its FFT has an absolute rounding floor, so for δ < 1e-9 the oracle is
+  grid of 0.02·ε_RDP/k where the FFT length allows (the buckets round each release's loss down by up
+  to one interval, so the lower bound weakens for long runs). Its FFT has an absolute rounding floor, so for δ < 1e-9 the oracle is
   evaluated at δ' = 1e-9 (a lower bound there is a lower bound at δ < δ', since ε(δ) decreases;
   the upper-bound check is skipped there).
 
@@ -145,7 +146,9 @@ def oracle(case: Case, rdp_eps: float) -> tuple[float, float | None] | None:
     rel = (NeighboringRelation.REPLACE_ONE if case.neighbouring == "replace"
            else NeighboringRelation.ADD_OR_REMOVE_ONE)
     dp_sigma = 2.0 * s if case.neighbouring == "replace" else s  # dp_accounting: sensitivity C
-    interval = float(np.clip(rdp_eps / 4000.0, 1e-4, 2e-2))
+    # privacy buckets round every release's loss down by up to one interval: keep k·interval
+    # small where the FFT length allows it (≤ 5·10^4 points over [−1, 3ε + 5])
+    interval = float(np.clip(0.02 * max(rdp_eps, 0.05) / k, (3 * rdp_eps + 6) / 5e4, 2e-2))
     d_eval = max(case.delta, 1e-9)
     out = []
     for pess in (False, True):

@@ -66,7 +66,7 @@ def test_check_can_fail() -> None:
     try:
         case = sound.Case(1.0, 1.0, 10, 1e-6, "add_remove")
         assert sound.check(case, ("_understating",))["_understating"].status == "unsound"
-        case = sound.Case(1.0, 0.01, 500, 1e-6, "replace")
+        case = sound.Case(1.0, 0.1, 20, 1e-6, "replace")
         assert sound.check(case, ("_understating",))["_understating"].status == "unsound"
     finally:
         from privaudit.audit.accountants import base
