@@ -3,7 +3,8 @@
 Each step (record-level privacy, add/remove neighbours unless the config says ``replace``):
 
 1. sample a batch: Poisson with rate q (variable size, possibly empty — the accountants' assumption)
-   or shuffled fixed-size batches (recorded as ``fixed_batch``; no amplification claimed);
+   or shuffled fixed-size batches (recorded as ``fixed_batch``; no amplification claimed, and charged
+   sensitivity 2·C: see :func:`step_event`);
 2. per-sample gradients of the trainable parameters from layer inputs and output-gradients
    (:mod:`.per_sample`), each clipped to L2 norm C, summed over physical chunks of the batch; included
    gradient canaries that the step samples are added (see :mod:`.training`);
@@ -55,15 +56,25 @@ NAME = "dp_lora"
 OBSERVER = "released model"
 
 
+FIXED_BATCH_SENSITIVITY = 2.0  # in units of the clip norm C, under add/remove and replace alike
+
+
 def step_event(plan: PrivacyPlan) -> Event:
-    """The ledger event of one step of ``plan``."""
+    """The ledger event of one step of ``plan``.
+
+    Fixed-size batches are charged L2 sensitivity 2·C under *both* relations: the sampler always fills
+    B slots, so under add/remove an added record pushes another record out of its batch and that
+    batch's clipped sum moves by up to 2·C (N = B = 100, σ = 1, one step: ε(1e-5) ≈ 9.98, not the 4.38
+    that sensitivity C gives). Poisson steps keep the relation's default (C add/remove, 2·C replace).
+    """
     if not plan.private:
         return PlaintextEvent(what="non-private model update")
     if plan.sampling == "poisson":
         return GaussianEvent(noise_multiplier=plan.noise_multiplier, sampling="poisson",
                              sample_rate=plan.sample_rate, clip_norm=plan.clip_norm)
     return GaussianEvent(noise_multiplier=plan.noise_multiplier, sampling="fixed_batch",
-                         batch_size=plan.batch_size, dataset_size=plan.dataset_size, clip_norm=plan.clip_norm)
+                         batch_size=plan.batch_size, dataset_size=plan.dataset_size, clip_norm=plan.clip_norm,
+                         sensitivity=FIXED_BATCH_SENSITIVITY * plan.clip_norm)
 
 
 def planned_events(cfg: RunConfig, plan: PrivacyPlan) -> list[Event]:

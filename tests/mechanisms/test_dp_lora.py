@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,65 @@ def test_causal_lm_dp_run_beats_chance(tmp_path: Path) -> None:
     after = manifest["metrics"]["heldout"]["perplexity"]
     vocab = 30522  # the tiny models' tokenizer; uniform guessing has perplexity = vocab size
     assert after < 0.5 * before and after < 0.5 * vocab, (before, after)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 14, item 1: fixed-size batches under add/remove are charged sensitivity 2·C
+# ----------------------------------------------------------------------------------------------
+def _exact_fixed_batch_epsilon(n: int, b: int, sigma: float, delta: float) -> float:
+    """ε(δ) of the worst-case pair of ONE fixed-batch step with N = B (independent 1-D quadrature):
+    every record of D has clipped gradient +C, the added one −C. In units of C (shifted by the sum over
+    D): D gives N(0, σ²); D ∪ {x} puts x in the batch with probability B/(N+1), pushing a +C record
+    out (shift −2), else N(0, σ²)."""
+    from scipy import integrate, optimize, stats
+
+    w = b / (n + 1)
+
+    def hockey(eps: float) -> float:
+        p = lambda y: stats.norm.pdf(y, 0.0, sigma)  # noqa: E731
+        q = lambda y: w * stats.norm.pdf(y, -2.0, sigma) + (1 - w) * stats.norm.pdf(y, 0.0, sigma)  # noqa: E731
+        lo, hi = -2.0 - 40 * sigma, 40 * sigma
+        pts = np.linspace(lo, hi, 4001)
+        one = integrate.simpson(np.maximum(q(pts) - math.exp(eps) * p(pts), 0.0), x=pts)
+        two = integrate.simpson(np.maximum(p(pts) - math.exp(eps) * q(pts), 0.0), x=pts)
+        return max(float(one), float(two))
+
+    return float(optimize.brentq(lambda e: hockey(e) - delta, 0.0, 60.0, xtol=1e-6))
+
+
+def test_fixed_batch_step_is_charged_twice_the_clip_norm() -> None:
+    """N = B = 100, σ = 1, one step: sensitivity C gave ε(1e-5) = 4.377; the exact pair's ε is ≈ 9.98."""
+    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.config import PrivacyPlan
+    from privaudit.mechanisms.dp_lora import step_event
+
+    exact = _exact_fixed_batch_epsilon(100, 100, 1.0, 1e-5)
+    assert 9.9 < exact < 10.1  # the issue's regime: far above the old charge
+    for rel in ("add_remove", "replace"):
+        plan = PrivacyPlan(1.0, 1.0, 1, "fixed_batch", 100, 100, 0.5, 1e-5, rel)  # type: ignore[arg-type]
+        ev = step_event(plan)
+        assert isinstance(ev, GaussianEvent) and ev.sensitivity == pytest.approx(1.0)  # 2·C, C = 0.5
+        for acc in ("rdp", "pld"):
+            eps = compute_epsilon([ev], 1e-5, acc, rel).epsilon
+            assert eps >= exact - 1e-6, (rel, acc, eps, exact)
+            assert eps < exact + (0.2 if acc == "pld" else 1.0)  # and not absurdly loose
+    # B = 10 of N = 100, 10 steps (one pass): the added record is in at most one batch, where it moves
+    # the sum by ≤ 2C; the ledger charges one release at 2C, which dominates that pair (joint convexity)
+    plan = PrivacyPlan(1.0, 0.1, 10, "fixed_batch", 10, 100, 1.0, 1e-5, "add_remove")
+    eps10 = compute_epsilon([step_event(plan).with_count(10)], 1e-5, "pld").epsilon
+    assert eps10 >= exact - 1e-6
+
+
+def test_fixed_batch_calibration_uses_twice_the_clip_norm() -> None:
+    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.mechanisms.dp_lora import step_event
+
+    for rel in ("add_remove", "replace"):
+        cfg = tiny(training={"sampling": "fixed_batch", "batch_size": 10, "steps": 10},
+                   privacy={"noise_multiplier": None, "target_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp",
+                            "neighbouring": rel})
+        plan = resolve_plan(cfg, 100)
+        ev = step_event(plan).with_count(plan.steps)
+        eps = compute_epsilon([ev], 1e-5, "rdp", rel).epsilon
+        assert 1.8 < eps <= 2.0, (rel, eps)  # the ledger of the calibrated run meets the target
+        assert plan.calibrated_epsilon == pytest.approx(eps, rel=1e-9)
