@@ -321,3 +321,72 @@ def test_fixed_batch_calibration_uses_twice_the_clip_norm() -> None:
         eps = compute_epsilon([ev], 1e-5, "rdp", rel).epsilon
         assert 1.8 < eps <= 2.0, (rel, eps)  # the ledger of the calibrated run meets the target
         assert plan.calibrated_epsilon == pytest.approx(eps, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 14, item 4: a gradient canary is one more unit of the accounted mechanism
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampling", ["poisson", "fixed_batch"])
+def test_canaries_are_units_of_the_records_sampler_and_clipped_as_records(sampling: str) -> None:
+    """A canary is sampled by the records' sampler and clipped by the records' rule, so its privacy
+    loss is that of one more record, ε_canary = the ledger's per-record ε."""
+    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.mechanisms import per_sample
+    from privaudit.mechanisms.dp_lora import step_event
+
+    training = ({"sampling": "fixed_batch", "batch_size": 10} if sampling == "fixed_batch"
+                else {"batch_size": None, "sample_rate": 0.3})
+    cfg = tiny(training={**training, "steps": 4, "optimizer": "sgd"}, privacy={"clip_norm": 0.5},
+               audit={"gradient_canaries": 30, "gradient_canary_seed": 4})
+    data = prepare_data(cfg)
+    plan = resolve_plan(cfg, len(data.train))
+    model, tok = build_model(cfg, 2, torch.device("cpu"))
+    tr = DPLoraTrainer(cfg, data.train, plan, model, tok, torch.device("cpu"))
+    assert tr.canaries is not None
+    n, m_in = len(data.train), sum(tr.canaries.included)
+    assert tr.sampler.num_items == n + m_in and len(tr.units) == m_in  # members only, after the records
+
+    # clipping: a canary's raw gradient is far above C and leaves clipped to exactly C, like a record's
+    assert tr.canaries.raw_norm == pytest.approx(1000 * 0.5)
+    total = {k: torch.zeros_like(p) for k, p in tr.params}
+    assert tr.add_canaries(total, [tr.units[0]]) == 1
+    norm = math.sqrt(sum(float(v.square().sum()) for v in total.values()))
+    assert norm == pytest.approx(0.5, rel=1e-4)
+
+    # sampling: the same draws decide records and canaries
+    steps = 300
+    counts = np.zeros(n + m_in)
+    sizes = []
+    for _ in range(steps):
+        b = tr.sampler.next_batch()
+        counts[b] += 1
+        sizes.append(len(b))
+    if sampling == "poisson":
+        q = plan.sample_rate
+        sd = math.sqrt(q * (1 - q) / (steps * m_in))
+        assert abs(counts[n:].mean() / steps - q) < 5 * sd  # canaries at the records' rate q
+        canary_event = GaussianEvent(noise_multiplier=plan.noise_multiplier, sample_rate=q, clip_norm=norm,
+                                     count=plan.steps)
+    else:
+        assert set(sizes) == {10}  # canaries take batch slots: they push records out, as an added record
+        # the canary's worst-case pair: ≤ ceil(k·B/N) batches in k steps, each moving the sum by ≤ 2·C
+        assert counts[n:].max() <= math.ceil(steps * 10 / n)
+        canary_event = GaussianEvent(noise_multiplier=plan.noise_multiplier, sampling="full", clip_norm=norm,
+                                     sensitivity=2 * norm, count=math.ceil(plan.steps * 10 / n))
+    ledger_eps = compute_epsilon([step_event(plan).with_count(plan.steps)], 1e-5, "pld").epsilon
+    assert compute_epsilon([canary_event], 1e-5, "pld").epsilon == pytest.approx(ledger_eps, rel=1e-3)
+
+    # a clipping bug hits canaries as it hits records
+    mp = pytest.MonkeyPatch()
+    mp.setattr(per_sample, "clip_factors", lambda norms, c: (100 * c / (norms + 1e-6)).clamp(max=1.0))
+    try:
+        total = {k: torch.zeros_like(p) for k, p in tr.params}
+        tr.add_canaries(total, [tr.units[0]])
+    finally:
+        mp.undo()
+    assert math.sqrt(sum(float(v.square().sum()) for v in total.values())) == pytest.approx(50.0, rel=1e-4)
+    # one real step: records and canaries of one draw
+    info = tr.step()
+    if sampling == "fixed_batch":
+        assert info["canaries"] + info["batch_size"] == 10
+    tr.close()
