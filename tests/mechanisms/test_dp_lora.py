@@ -390,3 +390,28 @@ def test_canaries_are_units_of_the_records_sampler_and_clipped_as_records(sampli
     if sampling == "fixed_batch":
         assert info["canaries"] + info["batch_size"] == 10
     tr.close()
+
+
+def test_resume_rebuilds_the_sampler_over_the_checkpoints_canaries() -> None:
+    """Canaries from OS entropy differ between the crashed process and the resuming one: the sampler is
+    rebuilt over the checkpoint's member canaries before its state is loaded."""
+    from privaudit.mechanisms.training import optimizer_to_flat
+
+    cfg = tiny(audit={"gradient_canaries": 40, "gradient_canary_seed": None})
+    data = prepare_data(cfg)
+    plan = resolve_plan(cfg, len(data.train))
+
+    def trainer(seed: int) -> DPLoraTrainer:
+        model, tok = build_model(cfg, 2, torch.device("cpu"))
+        return DPLoraTrainer(cfg, data.train, plan, model, tok, torch.device("cpu"), canary_seed=seed)
+
+    a, b = trainer(1), trainer(2)
+    assert a.canaries is not None and b.canaries is not None and a.canaries.included != b.canaries.included
+    a.step()
+    tensors, scalars = optimizer_to_flat(a.optimizer)
+    b.load_state(1, trainable(a.model), tensors, json.loads(json.dumps({**a.state(), "optimizer": scalars})))
+    assert b.canaries is not None and b.canaries.included == a.canaries.included
+    assert b.sampler.num_items == a.sampler.num_items == len(data.train) + sum(a.canaries.included)
+    assert np.array_equal(a.sampler.next_batch(), b.sampler.next_batch())
+    a.close()
+    b.close()
