@@ -274,8 +274,8 @@ def _exact_fixed_batch_epsilon(n: int, b: int, sigma: float, delta: float) -> fl
     w = b / (n + 1)
 
     def hockey(eps: float) -> float:
-        p = lambda y: stats.norm.pdf(y, 0.0, sigma)  # noqa: E731
-        q = lambda y: w * stats.norm.pdf(y, -2.0, sigma) + (1 - w) * stats.norm.pdf(y, 0.0, sigma)  # noqa: E731
+        p = lambda y: stats.norm.pdf(y, 0.0, sigma)
+        q = lambda y: w * stats.norm.pdf(y, -2.0, sigma) + (1 - w) * stats.norm.pdf(y, 0.0, sigma)
         lo, hi = -2.0 - 40 * sigma, 40 * sigma
         pts = np.linspace(lo, hi, 4001)
         one = integrate.simpson(np.maximum(q(pts) - math.exp(eps) * p(pts), 0.0), x=pts)
