@@ -67,9 +67,22 @@ def step_event(plan: PrivacyPlan) -> Event:
     B slots, so under add/remove an added record pushes another record out of its batch and that
     batch's clipped sum moves by up to 2·C (N = B = 100, σ = 1, one step: ε(1e-5) ≈ 9.98, not the 4.38
     that sensitivity C gives). Poisson steps keep the relation's default (C add/remove, 2·C replace).
+
+    Under add/remove the fixed-batch charge (⌈k·B/N⌉ releases at 2·C) is proved for one pass over the
+    data only (k·B ≤ N: couple D ∪ {x} with D by putting the last record of the (N+1)-permutation in
+    x's slot; exactly one batch differs, by one swap). Over several passes the permutations of N + 1
+    and of N records fall out of step, batches straddle different epoch boundaries, and no bound is
+    recorded here: such a plan is refused (``ValueError`` naming ``training.sampling``). Under replace
+    N is fixed, the permutations are the same, and the charge holds for any number of passes.
     """
     if not plan.private:
         return PlaintextEvent(what="non-private model update")
+    if (plan.sampling == "fixed_batch" and plan.neighbouring == "add_remove"
+            and plan.steps * int(plan.batch_size or 0) > plan.dataset_size):
+        raise ValueError(
+            f"training.sampling: fixed_batch under add/remove neighbours is accounted for one pass over the "
+            f"data only ({plan.steps} steps × batch {plan.batch_size} > {plan.dataset_size} records); use "
+            "sampling: poisson, fewer steps, or privacy.neighbouring: replace")
     if plan.sampling == "poisson":
         return GaussianEvent(noise_multiplier=plan.noise_multiplier, sampling="poisson",
                              sample_rate=plan.sample_rate, clip_norm=plan.clip_norm)

@@ -306,6 +306,12 @@ def test_fixed_batch_step_is_charged_twice_the_clip_norm() -> None:
     plan = PrivacyPlan(1.0, 0.1, 10, "fixed_batch", 10, 100, 1.0, 1e-5, "add_remove")
     eps10 = compute_epsilon([step_event(plan).with_count(10)], 1e-5, "pld").epsilon
     assert eps10 >= exact - 1e-6
+    # more than one pass under add/remove: the permutations of N + 1 and N records fall out of step and
+    # no bound is proved, so the plan is refused; under replace the same charge holds for any passes
+    with pytest.raises(ValueError, match="^training.sampling"):
+        step_event(PrivacyPlan(1.0, 0.1, 11, "fixed_batch", 10, 100, 1.0, 1e-5, "add_remove"))
+    many = step_event(PrivacyPlan(1.0, 0.1, 25, "fixed_batch", 10, 100, 1.0, 1e-5, "replace")).with_count(25)
+    assert isinstance(many, GaussianEvent) and many.accounted_releases() == (1.0, 3)
 
 
 def test_fixed_batch_calibration_uses_twice_the_clip_norm() -> None:
