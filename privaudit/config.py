@@ -330,11 +330,15 @@ def resolve_plan(cfg: RunConfig, dataset_size: int) -> PrivacyPlan:
         if t.sampling == "poisson":
             res = calibrate_noise(pv.target_epsilon, pv.delta, q, steps, accountant=pv.accountant,
                                   neighbouring=pv.neighbouring)
-        else:  # fixed batches: ceil(steps*B/N) full-batch releases, no amplification
+        else:  # fixed batches: ceil(steps*B/N) full-batch releases, no amplification, sensitivity 2·C
             releases = math.ceil(steps * batch_size / dataset_size)  # type: ignore[operator]
             res = calibrate_noise(pv.target_epsilon, pv.delta, 1.0, releases, accountant=pv.accountant,
                                   neighbouring=pv.neighbouring)
         sigma = float(res.noise_multiplier)
+        if t.sampling == "fixed_batch" and pv.neighbouring == "add_remove":
+            # an added record pushes another out of its fixed-size batch: sensitivity 2·C, not C
+            # (``dp_lora.step_event``); replace already calibrated at 2·C. Same ε, twice the σ.
+            sigma *= 2.0
         calibrated, acc = float(res.epsilon), str(res.accountant)
     else:
         sigma = float(pv.noise_multiplier)  # type: ignore[arg-type]

@@ -13,9 +13,11 @@ Shapes: ``n`` target examples, ``k`` reference models; reference arrays are ``(k
   Online: score = log N(φ; μ_in, σ_in²) − log N(φ; μ_out, σ_out²). Offline (OUT only): one-sided
   test, score = −log P[Z ≥ φ], Z ~ N(μ_out, σ_out²). With few reference models a global variance
   (pooled over examples) is more reliable, as the paper recommends.
-* RMIA (Zarifzadeh, Liu, Shokri 2024): LR(x, z) = [P(x|θ)/P(x)] / [P(z|θ)/P(z)] with P(·) averaged
-  over reference models; score(x) = fraction of population points z with LR(x, z) ≥ γ. Offline
-  (all reference models OUT): P(x) ≈ ½((1 + a)·P_OUT(x) + (1 − a)), applied to x and z alike.
+* RMIA (Zarifzadeh, Liu, Shokri 2024): LR(x, z) = [P(x|θ)/P(x)] / [P(z|θ)/P(z)]; score(x) = fraction
+  of population points z with LR(x, z) > γ (strict, as the authors' code). P(·) as the authors'
+  reference implementation (privacytrustlab/ml_privacy_meter, ``run_rmia``) estimates it: from the
+  reference models that did NOT train on the point (OUT), with the offline correction
+  P ≈ ½((1 + a)·P_OUT + (1 − a)), for x and z alike — also when IN models exist.
 """
 
 from __future__ import annotations
@@ -224,18 +226,23 @@ def rmia_scores(
     ref_in_mask: ArrayLike | None = None,
     gamma: float = 1.0,
     offline_a: float = 0.33,
+    balanced_px: bool = False,
 ) -> NDArray[np.float64]:
-    """RMIA scores in [0, 1]: the fraction of population points z with LR(x, z) ≥ ``gamma``.
+    """RMIA scores in [0, 1]: the fraction of population points z with LR(x, z) > ``gamma`` (strict).
 
     ``target_probs_x`` ``(n,)`` / ``ref_probs_x`` ``(k, n)``: P(x|θ) — the probability the target /
     each reference model gives the true label of x (for LMs, e.g. exp(−mean token NLL)).
     ``target_probs_z`` ``(n_z,)`` / ``ref_probs_z`` ``(k, n_z)``: the same for population points z,
     which no model trained on. ``ref_in_mask`` ``(k, n)``: True where reference model j trained on
-    x_i (online). Online: P(x) = ½(mean_IN + mean_OUT) (the balanced average; examples without IN
-    or without OUT models fall back to the offline formula or the IN mean). Offline
-    (``ref_in_mask=None``: no reference model trained on x): P(x) = ½((1 + a)·P_OUT(x) + (1 − a)),
-    ``a = offline_a``; the same correction is applied to P(z) in both modes, since z is OUT
-    everywhere (as in the authors' code).
+    x_i (``None``: no reference model trained on any x).
+
+    P(x) and P(z) as the reference implementation computes them: the mean over the point's OUT
+    reference models with the offline correction P = ½((1 + a)·P_OUT + (1 − a)), ``a = offline_a``
+    (z is OUT everywhere). An x that every reference model trained on (no OUT model; the reference
+    code would average zeros there) gets the IN mean, an over-estimate of P(x) that can only lower
+    its score. ``balanced_px=True`` instead uses the paper's online estimate P(x) = ½(mean_IN +
+    mean_OUT) where x has both (the offline formula or the IN mean otherwise); z keeps the offline
+    correction.
     """
     tx = _prob_vector(target_probs_x, "target_probs_x")
     tz = _prob_vector(target_probs_z, "target_probs_z")
@@ -261,11 +268,12 @@ def rmia_scores(
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_in = np.where(mask, rx, 0.0).sum(axis=0) / n_in
             mean_out = np.where(mask, 0.0, rx).sum(axis=0) / n_out
-        px = np.where((n_in > 0) & (n_out > 0), 0.5 * (mean_in + mean_out),
-                      np.where(n_out > 0, offline(np.nan_to_num(mean_out)), np.nan_to_num(mean_in)))
+        px_out = np.where(n_out > 0, offline(np.nan_to_num(mean_out)), np.nan_to_num(mean_in))
+        px = (np.where((n_in > 0) & (n_out > 0), 0.5 * (mean_in + mean_out), px_out) if balanced_px
+              else px_out)
     pz = offline(rz.mean(axis=0))
     ratio_x = np.maximum(tx, _TINY) / np.maximum(px, _TINY)
     ratio_z = np.sort(np.maximum(tz, _TINY) / np.maximum(pz, _TINY))
-    # LR(x, z) = ratio_x / ratio_z >= gamma  <=>  ratio_z <= ratio_x / gamma
-    counts = np.searchsorted(ratio_z, ratio_x / gamma, side="right")
+    # LR(x, z) = ratio_x / ratio_z > gamma  <=>  ratio_z < ratio_x / gamma
+    counts = np.searchsorted(ratio_z, ratio_x / gamma, side="left")
     return counts / ratio_z.size

@@ -93,17 +93,15 @@ def resolve_plan(cfg: RunConfig, train_records: Sequence[Record], num_labels: in
     secret = opts.client_sample_secret
     schedule = None if secret else client_schedule(opts.num_clients, opts.clients_per_round, opts.rounds,
                                                    opts.client_sampling, opts.schedule_seed)
-    participations = None if schedule is None else sum(new_participation_levels(schedule, opts.num_clients))
+    # a secret schedule is unknown until the run: plan for the worst case, a client in every round
+    participations = opts.rounds if schedule is None else sum(new_participation_levels(schedule, opts.num_clients))
     local_steps = int(cfg.training.steps or 0)
     batch = int(cfg.training.batch_size or 1)
     q_local = min(1.0, batch / min(sizes)) if opts.mode == "record_dp" else None
     if opts.mode == "record_dp":
         z, cal, acc = _noise_multiplier(cfg, opts, q_local, local_steps * int(participations or 0))  # type: ignore[arg-type]
         q = q_local
-    elif secret:
-        q = opts.clients_per_round / opts.num_clients
-        z, cal, acc = _noise_multiplier(cfg, opts, q, opts.rounds)
-    else:
+    else:  # the server sees whom it sampled: every participation is a full release
         q = 1.0
         z, cal, acc = _noise_multiplier(cfg, opts, 1.0, int(participations or 0))
     c = cfg.privacy.clip_norm
@@ -150,12 +148,15 @@ def ledger_header_extra(cfg: RunConfig) -> dict[str, Any]:
             "mode": opts.mode, "rounds": opts.rounds, "num_clients": opts.num_clients,
             "clients_per_round": opts.clients_per_round, "local_steps": cfg.training.steps,
             "client_sampling": opts.client_sampling, "client_sample_secret": opts.client_sample_secret,
-            "amplification_by_client_sampling": opts.client_sample_secret,
+            "amplification_by_client_sampling": False,
+            "observer_sees_sample": True,
             "aggregation": opts.aggregation,
-            "accounting": ("one subsampled release per round (rate K/N): valid only if the observer does not "
-                           "learn which clients were sampled" if opts.client_sample_secret else
-                           "the releases of the most-participating client, no amplification (the server knows "
-                           "whom it sampled)"),
+            "accounting": "the releases of the most-participating client, no amplification (the server knows "
+                          "whom it sampled)",
+            "observer_assumption": ("the server receives and stores each sampled client's release under the "
+                                    "client's id (no secure aggregation), so it learns the sample"
+                                    + ("; the secret schedule is hidden from everyone else"
+                                       if opts.client_sample_secret else "")),
         },
     }
 

@@ -3,10 +3,12 @@
 Each step (record-level privacy, add/remove neighbours unless the config says ``replace``):
 
 1. sample a batch: Poisson with rate q (variable size, possibly empty — the accountants' assumption)
-   or shuffled fixed-size batches (recorded as ``fixed_batch``; no amplification claimed);
+   or shuffled fixed-size batches (recorded as ``fixed_batch``; no amplification claimed, and charged
+   sensitivity 2·C: see :func:`step_event`);
 2. per-sample gradients of the trainable parameters from layer inputs and output-gradients
-   (:mod:`.per_sample`), each clipped to L2 norm C, summed over physical chunks of the batch; included
-   gradient canaries that the step samples are added (see :mod:`.training`);
+   (:mod:`.per_sample`), each clipped to L2 norm C, summed over physical chunks of the batch. Included
+   gradient canaries are units of the same sampler (indices N, N+1, ... after the N records) and are
+   clipped by the same rule; those the step samples join the sum (see :mod:`.training`);
 3. the step's event is appended to the ledger (write-ahead, fsynced): ``GaussianEvent(noise_multiplier
    = σ, sampling, sample_rate = q, clip_norm = C)``, or for σ = 0 (the non-private baseline, clipped
    but noiseless) ``PlaintextEvent("non-private model update")`` — no guarantee;
@@ -55,15 +57,38 @@ NAME = "dp_lora"
 OBSERVER = "released model"
 
 
+FIXED_BATCH_SENSITIVITY = 2.0  # in units of the clip norm C, under add/remove and replace alike
+
+
 def step_event(plan: PrivacyPlan) -> Event:
-    """The ledger event of one step of ``plan``."""
+    """The ledger event of one step of ``plan``.
+
+    Fixed-size batches are charged L2 sensitivity 2·C under *both* relations: the sampler always fills
+    B slots, so under add/remove an added record pushes another record out of its batch and that
+    batch's clipped sum moves by up to 2·C (N = B = 100, σ = 1, one step: ε(1e-5) ≈ 9.98, not the 4.38
+    that sensitivity C gives). Poisson steps keep the relation's default (C add/remove, 2·C replace).
+
+    Under add/remove the fixed-batch charge (⌈k·B/N⌉ releases at 2·C) is proved for one pass over the
+    data only (k·B ≤ N: couple D ∪ {x} with D by putting the last record of the (N+1)-permutation in
+    x's slot; exactly one batch differs, by one swap). Over several passes the permutations of N + 1
+    and of N records fall out of step, batches straddle different epoch boundaries, and no bound is
+    recorded here: such a plan is refused (``ValueError`` naming ``training.sampling``). Under replace
+    N is fixed, the permutations are the same, and the charge holds for any number of passes.
+    """
     if not plan.private:
         return PlaintextEvent(what="non-private model update")
+    if (plan.sampling == "fixed_batch" and plan.neighbouring == "add_remove"
+            and plan.steps * int(plan.batch_size or 0) > plan.dataset_size):
+        raise ValueError(
+            f"training.sampling: fixed_batch under add/remove neighbours is accounted for one pass over the "
+            f"data only ({plan.steps} steps × batch {plan.batch_size} > {plan.dataset_size} records); use "
+            "sampling: poisson, fewer steps, or privacy.neighbouring: replace")
     if plan.sampling == "poisson":
         return GaussianEvent(noise_multiplier=plan.noise_multiplier, sampling="poisson",
                              sample_rate=plan.sample_rate, clip_norm=plan.clip_norm)
     return GaussianEvent(noise_multiplier=plan.noise_multiplier, sampling="fixed_batch",
-                         batch_size=plan.batch_size, dataset_size=plan.dataset_size, clip_norm=plan.clip_norm)
+                         batch_size=plan.batch_size, dataset_size=plan.dataset_size, clip_norm=plan.clip_norm,
+                         sensitivity=FIXED_BATCH_SENSITIVITY * plan.clip_norm)
 
 
 def planned_events(cfg: RunConfig, plan: PrivacyPlan) -> list[Event]:
@@ -150,12 +175,11 @@ class DPLoraTrainer:
         self.psg = PerSampleGradients(model, cfg.privacy.norm_method)
         secret = secret_seed if secret_seed is not None else (
             cfg.privacy.noise_seed if cfg.privacy.noise_seed is not None else fresh_seed())
-        s_seed, n_seed, c_seed = _derive_seeds(secret)
-        self.sampler: Sampler = make_sampler(plan.sampling, len(self.records), sample_rate=plan.sample_rate,
-                                             batch_size=plan.batch_size, seed=s_seed)
+        s_seed, n_seed, _ = _derive_seeds(secret)
+        self._sampler_seed = s_seed
+        self.clipped = True  # records' gradients are clipped to C (and so are the canaries')
         self.noise_gen = torch.Generator(device=device)
         self.noise_gen.manual_seed(n_seed)
-        self.canary_rng = np.random.Generator(np.random.PCG64(c_seed))
         self.canaries: GradientCanaries | None = None
         m = cfg.audit.gradient_canaries
         if m > 0:
@@ -165,12 +189,40 @@ class DPLoraTrainer:
             self.canaries = GradientCanaries(seed, m, self.param_names,
                                              [list(p.shape) for _, p in self.params], plan.clip_norm,
                                              plan.sample_rate)
+        self.units: list[tuple[str, int]] = []
+        self.sampler: Sampler = self.rebuild_sampler()
         self.event = step_event(plan)
         self.denominator = (plan.sample_rate * plan.dataset_size if plan.sampling == "poisson"
                             else float(plan.batch_size))  # type: ignore[arg-type]
         self.step_count = 0
         self.resumed_from: int | None = None
         self.extra_state: dict[str, Any] = {}  # JSON-able, saved with checkpoints
+
+    # -- sampling: records and canaries are units of one sampler ---------------------------------
+    def canary_units(self) -> list[tuple[str, int]]:
+        """The audit canaries that are members of this run, as sampler units (kind, canary index)."""
+        return [] if self.canaries is None else [("gradient", i) for i in self.canaries.included_indices()]
+
+    def rebuild_sampler(self) -> Sampler:
+        """A fresh sampler (from the run's sampler seed) over the N records followed by the member
+        canaries (:meth:`canary_units`): a canary is sampled exactly as a record is."""
+        self.units = self.canary_units()
+        self.sampler = make_sampler(self.plan.sampling, len(self.records) + len(self.units),
+                                    sample_rate=self.plan.sample_rate, batch_size=self.plan.batch_size,
+                                    seed=self._sampler_seed)
+        return self.sampler
+
+    def add_canaries(self, total: dict[str, torch.Tensor], units: Sequence[tuple[str, int]]) -> int:
+        """Add the sampled canary ``units`` to the clipped sum ``total`` (in place), clipped as records
+        are (not at all when records are not clipped); returns how many were added."""
+        if self.canaries is None:
+            return 0
+        chosen = [i for kind, i in units if kind == "gradient"]
+        flat, n = self.canaries.clipped_sum(chosen, self.plan.clip_norm if self.clipped else None)
+        if flat is not None:
+            for name, v in self.canaries.unflatten(flat).items():
+                total[name] += v.to(total[name].device, total[name].dtype)
+        return n
 
     # -- one step -----------------------------------------------------------------------------
     def physical_batches(self, indices: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
@@ -191,14 +243,10 @@ class DPLoraTrainer:
 
     def step(self) -> dict[str, Any]:
         """One update: sample, clip, add canaries, append the ledger event, add noise, step."""
-        indices = self.sampler.next_batch()
-        total, size = self.clipped_sum(indices)
-        n_canaries = 0
-        if self.canaries is not None:
-            flat, n_canaries = self.canaries.sampled_sum(self.canary_rng)
-            if flat is not None:
-                for n, v in self.canaries.unflatten(flat).items():
-                    total[n] += v.to(total[n].device, total[n].dtype)
+        units = self.sampler.next_batch()
+        n_rec = len(self.records)
+        total, size = self.clipped_sum(units[units < n_rec])
+        n_canaries = self.add_canaries(total, [self.units[int(j) - n_rec] for j in units[units >= n_rec]])
         if self.ledger is not None:
             self.ledger.append(self.event)  # write-ahead: durable before the update is applied
         std = self.plan.noise_multiplier * self.plan.clip_norm * self.noise_factor
@@ -211,7 +259,6 @@ class DPLoraTrainer:
         """JSON-able state besides weights and optimizer tensors. Secret: holds the RNG states."""
         return {
             **loop_rng_state(self.sampler, self.noise_gen),
-            "canary_rng": self.canary_rng.bit_generator.state,
             "gradient_canaries": None if self.canaries is None else self.canaries.to_json(),
             "plan": self.plan.to_json(),
             "extra": self.extra_state,
@@ -221,12 +268,16 @@ class DPLoraTrainer:
                    state: dict[str, Any]) -> None:
         if state["plan"] != self.plan.to_json():
             raise ValueError("resume: the checkpoint was made with a different privacy plan")
-        restore_loop_state(self.model, self.optimizer, self.sampler, self.noise_gen, weights, opt_tensors, state)
-        self.canary_rng.bit_generator.state = state["canary_rng"]
         if state.get("gradient_canaries") is not None:
             self.canaries = GradientCanaries.from_json(state["gradient_canaries"])
+        self.load_canary_state(state)
+        self.rebuild_sampler()  # over the checkpoint's canaries, before its sampler state is loaded
+        restore_loop_state(self.model, self.optimizer, self.sampler, self.noise_gen, weights, opt_tensors, state)
         self.extra_state = dict(state.get("extra", {}))
         self.step_count = step
+
+    def load_canary_state(self, state: dict[str, Any]) -> None:
+        """Hook: restore further canaries from a checkpoint's ``state`` (before the sampler is rebuilt)."""
 
     def save(self, checkpointer: Checkpointer, theta_0: dict[str, torch.Tensor]) -> None:
         save_checkpoint(checkpointer, self.step_count, self.model, theta_0, self.optimizer, self.state())

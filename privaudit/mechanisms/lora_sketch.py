@@ -27,9 +27,10 @@ otherwise. A guarantee someone *claims* goes in ``privacy.claims`` (the ledger h
 Sketch canaries (``options.sketch_canaries`` = m > 0, one-run audits): m canaries in the full
 weight-gradient space of the LoRA layers, canary i being a rank-one gradient G_iℓ = u_iℓ v_iℓᵀ per
 layer ℓ (seeded Gaussian u, v; ‖G_i‖_F = ``sketch_canary_norm``, default C), each included with
-probability ½ and, when included, Poisson-sampled every step at the data's rate q. A sampled canary
-contributes what a record with that weight gradient would: s·G_iℓ·Aᵀ to B's gradient (clipped to C
-whenever records are clipped). Scores (higher = more likely included): with A known,
+probability ½; an included canary is one more unit of the run's sampler (sampled exactly as a record:
+Poisson at q, or a slot of a fixed-size batch). A sampled canary contributes what a record with that
+weight gradient would: s·G_iℓ·Aᵀ to B's gradient (clipped by the records' rule and C whenever records
+are clipped). Scores (higher = more likely included): with A known,
 −⟨ΔB, s·G_i·Aᵀ⟩/‖s·G_i·Aᵀ‖ (the direction the canary pushed B); without A, Σ_ℓ ‖ΔB_ℓᵀ û_iℓ‖² — the
 energy of ΔB along the canary's output direction, which needs no A. A canary is one more unit of the
 add/remove relation: the accounting is unchanged. (dp_lora's ``audit.gradient_canaries`` work here
@@ -213,16 +214,13 @@ class SketchCanaries:
         for (u, v), a_l, s in zip(self.factors(i), a, scaling):
             av = a_l.detach().to("cpu", torch.float32) @ v
             grads.append(s * torch.outer(u, av))
-        if self.clip:
-            nrm = math.sqrt(sum(float(g.square().sum()) for g in grads))
-            c = min(1.0, self.clip_norm / (nrm + 1e-6))
+        if self.clip:  # the records' clipping rule
+            from privaudit.mechanisms import per_sample
+
+            nrm = torch.tensor([math.sqrt(sum(float(g.square().sum()) for g in grads))])
+            c = float(per_sample.clip_factors(nrm, self.clip_norm)[0])
             grads = [g * c for g in grads]
         return grads
-
-    def sampled(self, rng: np.random.Generator) -> list[int]:
-        """This step's Poisson-sampled included canaries."""
-        draws = rng.random(self.count) < self.sample_rate
-        return [i for i in range(self.count) if draws[i] and self.included[i]]
 
     def to_json(self) -> dict[str, Any]:
         return {"seed": self.seed, "count": self.count, "layers": self.layers, "shapes": self.shapes,
@@ -268,8 +266,9 @@ def score_sketch_canaries(delta_b: Sequence[torch.Tensor], key: SketchCanaries,
 class SketchTrainer(DPLoraTrainer):
     """:class:`DPLoraTrainer` on a model whose A is frozen. Noise-free plans train B by ordinary
     mini-batch steps (unclipped gradient sums unless ``clip_without_noise``; no per-step ledger event —
-    the run's sketch event covers them); DP plans are dp_lora's steps unchanged. Sketch canaries sampled
-    this step are added to the gradient sum before noise."""
+    the run's sketch event covers them); DP plans are dp_lora's steps unchanged. Member sketch canaries
+    are units of the same sampler as the records; those sampled this step are added to the gradient sum
+    before noise."""
 
     def __init__(self, cfg: RunConfig, train_records: Sequence[Record], plan: PrivacyPlan, model: nn.Module,
                  tokenizer: Any, device: torch.device, *, ledger: Any = None, settings: SketchSettings,
@@ -288,7 +287,6 @@ class SketchTrainer(DPLoraTrainer):
             raise ValueError(f"lora: B of {missing[0]} is not trainable")
         if any(lay.a.requires_grad for lay in self.layers):
             raise ValueError("lora.freeze_a: A must be frozen for lora_sketch")
-        self.sketch_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([_seed63(secret), 0x534B])))
         self.sketch_canaries: SketchCanaries | None = None
         if settings.sketch_canaries > 0:
             seed = settings.sketch_canary_seed if settings.sketch_canary_seed is not None else fresh_seed() >> 65
@@ -296,6 +294,7 @@ class SketchTrainer(DPLoraTrainer):
                 seed, settings.sketch_canaries, [lay.name for lay in self.layers],
                 [[lay.out_features, lay.in_features] for lay in self.layers],
                 settings.sketch_canary_norm or plan.clip_norm, plan.sample_rate, self.clipped, plan.clip_norm)
+        self.rebuild_sampler()  # the sketch canaries join the sampler's units (no step was taken yet)
         self.last_sketch_canaries = 0
 
     def _plain_sum(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
@@ -309,21 +308,30 @@ class SketchTrainer(DPLoraTrainer):
         return total
 
     def clipped_sum(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], int]:
-        """Σ_b clip(∇_b) (DP) or Σ_b ∇_b (noise-free), plus this step's sampled sketch canaries."""
+        """Σ_b clip(∇_b) (DP) or Σ_b ∇_b (noise-free) over the records ``indices``."""
         if self.clipped:
-            total, size = super().clipped_sum(indices)
-        else:
-            total, size = self._plain_sum(indices), len(indices)
-        self.last_sketch_canaries = 0
-        if self.sketch_canaries is not None:
-            chosen = self.sketch_canaries.sampled(self.sketch_rng)
+            return super().clipped_sum(indices)
+        return self._plain_sum(indices), len(indices)
+
+    def canary_units(self) -> list[tuple[str, int]]:
+        units = super().canary_units()
+        sk = getattr(self, "sketch_canaries", None)  # None while DPLoraTrainer.__init__ runs
+        if sk is not None:
+            units += [("sketch", i) for i in range(sk.count) if sk.included[i]]
+        return units
+
+    def add_canaries(self, total: dict[str, torch.Tensor], units: Sequence[tuple[str, int]]) -> int:
+        """dp_lora's gradient canaries, then this step's sampled sketch canaries (clipped as records)."""
+        n = super().add_canaries(total, units)
+        chosen = [i for kind, i in units if kind == "sketch"]
+        self.last_sketch_canaries = len(chosen)
+        if self.sketch_canaries is not None and chosen:
             a = [lay.a for lay in self.layers]
             s = [lay.scaling for lay in self.layers]
             for i in chosen:
                 for lay, g in zip(self.layers, self.sketch_canaries.b_gradients(i, a, s)):
                     total[lay.b_param] += g.to(total[lay.b_param].device, total[lay.b_param].dtype)
-            self.last_sketch_canaries = len(chosen)
-        return total, size
+        return n
 
     def step(self) -> dict[str, Any]:
         info = super().step()
@@ -334,7 +342,6 @@ class SketchTrainer(DPLoraTrainer):
         """dp_lora's state plus the sketch secrets (A's seed, canary key and RNG). Secret."""
         st = super().state()
         st["sketch"] = {"a_seed": None if self.a_seed is None else str(self.a_seed),
-                        "rng": self.sketch_rng.bit_generator.state,
                         "canaries": None if self.sketch_canaries is None else self.sketch_canaries.to_json()}
         return st
 
@@ -347,7 +354,9 @@ class SketchTrainer(DPLoraTrainer):
         if sk["a_seed"] is not None:
             self.a_seed = int(sk["a_seed"])
             set_a(self.model, self.cfg.lora.init_a, self.a_seed)
-        self.sketch_rng.bit_generator.state = sk["rng"]
+
+    def load_canary_state(self, state: dict[str, Any]) -> None:
+        sk = state["sketch"]
         self.sketch_canaries = None if sk["canaries"] is None else SketchCanaries.from_json(sk["canaries"])
 
 

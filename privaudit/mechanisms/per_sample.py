@@ -42,6 +42,15 @@ NORM_METHODS: tuple[str, ...] = ("auto", "ghost", "materialise")
 CLIP_EPS = 1e-6
 
 
+def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Per-sample clip factors min(1, C/(‖g‖ + 1e-6)) for gradient L2 norms ``norms``. The one clipping
+    rule of DP-SGD here: records (:meth:`PerSampleGradients.clip`) and audit canaries (gradient and
+    sketch canaries) alike go through it, so a clipping bug hits both."""
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm: must be > 0, got {clip_norm!r}")
+    return (clip_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # layer rules
 # ----------------------------------------------------------------------------------------------
@@ -323,12 +332,10 @@ class PerSampleGradients:
         return self._compute()[0]
 
     def clip(self, clip_norm: float) -> ClippedBatch:
-        """Per-sample norms, clip factors min(1, C/(‖g‖+1e-6)) and the clipped sum of every trainable
-        parameter (zeros for parameters the batch did not reach)."""
-        if not clip_norm > 0:
-            raise ValueError(f"clip_norm: must be > 0, got {clip_norm!r}")
+        """Per-sample norms, clip factors min(1, C/(‖g‖+1e-6)) (:func:`clip_factors`) and the clipped
+        sum of every trainable parameter (zeros for parameters the batch did not reach)."""
         norms = self.sq_norms().sqrt()
-        factors = (clip_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        factors = clip_factors(norms, clip_norm)
         return ClippedBatch(norms, factors, self.weighted_sum(factors))
 
     def weighted_sum(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -3,16 +3,21 @@ evaluation, checkpoints (safetensors + JSON), RNG state, and white-box gradient 
 
 Gradient canaries (one-run audits, Steinke, Nasr & Jagielski 2023). With ``audit.gradient_canaries =
 m > 0`` a run draws m fixed directions u_i in the flattened trainable-parameter space (parameters in
-``param_names`` order, each direction a seeded standard Gaussian vector scaled to norm ``clip_norm`` —
-rebuilt by :func:`canary_direction`), and includes each canary independently with probability ½. At
-every step each *included* canary is Poisson-sampled with the data's rate q (fixed-batch runs: q =
-B/N) and, when sampled, its gradient u_i (already of norm C, i.e. clipped) is added to the clipped sum
-before the noise. The seed, the inclusion bits, the parameter names/shapes and C are saved in
-``audit_key.json``; the initial trainable parameters θ₀ in ``adapter_init.safetensors``. The auditor
+``param_names`` order, each direction a seeded standard Gaussian vector — rebuilt by
+:func:`canary_direction`), and includes each canary independently with probability ½. Each *included*
+canary is one more unit of the accounted mechanism, treated exactly as a record: it is a unit of the
+run's own sampler (Poisson with the records' q, or a slot of the shuffled fixed-size batches, pushing a
+record out), and its gradient — of norm ``raw_norm`` = 1000·C, far above C — goes through the same
+clipping rule (:func:`.per_sample.clip_factors`) with the same C before it joins the clipped sum and
+the noise. A sampling or clipping bug therefore hits canaries as it hits records, and the canaries'
+ε is the ledger's per-record ε. The seed, the inclusion bits, the parameter names/shapes and C are
+saved in ``audit_key.json``; the initial trainable parameters θ₀ in ``adapter_init.safetensors``. The auditor
 scores canary i by ⟨θ_final − θ₀, u_i/‖u_i‖⟩ (:func:`score_gradient_canaries`): included canaries
 should score higher (in the direction of −∇, i.e. negative for SGD-like updates — the score is
 reported with the sign flipped so that "higher = more likely included"). A canary is one more unit of
 the add/remove relation, so the accounting is unchanged.
+
+``GradientCanaries.raw_norm``: key files written before this rule lack it and read as ``clip_norm``.
 """
 
 from __future__ import annotations
@@ -429,9 +434,15 @@ def canary_direction(seed: int, index: int, dim: int, norm: float = 1.0) -> torc
     return v * (norm / v.norm().clamp_min(1e-30))
 
 
+CANARY_RAW_NORM = 1000.0  # a gradient canary's norm before clipping, in units of C
+
+
 @dataclass
 class GradientCanaries:
-    """m gradient canaries over the trainable parameters ``param_names`` (see the module docstring)."""
+    """m gradient canaries over the trainable parameters ``param_names`` (see the module docstring).
+    ``sample_rate``: the records' q (Poisson) or B/N (fixed batches), for reports; the inclusion
+    itself is the run's sampler's. ``raw_norm``: a canary gradient's L2 norm before clipping (default
+    1000·``clip_norm``)."""
 
     seed: int
     count: int
@@ -440,25 +451,39 @@ class GradientCanaries:
     clip_norm: float
     sample_rate: float
     included: list[bool] = field(default_factory=list)
+    raw_norm: float | None = None
 
     def __post_init__(self) -> None:
         if not self.included:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.seed), 0x696E63])))
             self.included = [bool(b) for b in rng.random(self.count) < 0.5]
+        if self.raw_norm is None:
+            self.raw_norm = CANARY_RAW_NORM * self.clip_norm
 
     @property
     def dim(self) -> int:
         return int(sum(math.prod(s) for s in self.param_shapes))
 
-    def sampled_sum(self, rng: np.random.Generator) -> tuple[torch.Tensor | None, int]:
-        """Sum of this step's Poisson-sampled included canaries (flat, float32, CPU) and how many."""
-        draws = rng.random(self.count) < self.sample_rate
-        chosen = [i for i in range(self.count) if draws[i] and self.included[i]]
+    def included_indices(self) -> list[int]:
+        """The included canaries, in index order: the units a run adds to its sampler."""
+        return [i for i in range(self.count) if self.included[i]]
+
+    def clipped_sum(self, chosen: Sequence[int], clip_norm: float | None) -> tuple[torch.Tensor | None, int]:
+        """Σ clip_C(g_i) over the canaries ``chosen`` (flat, float32, CPU) and how many: each gradient
+        g_i has norm ``raw_norm`` and is clipped by :func:`.per_sample.clip_factors` with ``clip_norm``
+        (the records' C); ``clip_norm=None`` (a run that does not clip its records) adds g_i scaled to
+        the key's ``clip_norm`` instead."""
+        from privaudit.mechanisms import per_sample
+
         if not chosen:
             return None, 0
         total = torch.zeros(self.dim, dtype=torch.float32)
         for i in chosen:
-            total += canary_direction(self.seed, i, self.dim, self.clip_norm)
+            if clip_norm is None:
+                total += canary_direction(self.seed, i, self.dim, self.clip_norm)
+                continue
+            g = canary_direction(self.seed, i, self.dim, float(self.raw_norm))  # type: ignore[arg-type]
+            total += g * per_sample.clip_factors(g.norm().reshape(1), clip_norm)[0]
         return total, len(chosen)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -473,14 +498,17 @@ class GradientCanaries:
     def to_json(self) -> dict[str, Any]:
         return {"seed": self.seed, "count": self.count, "included": self.included,
                 "param_names": self.param_names, "param_shapes": self.param_shapes,
-                "clip_norm": self.clip_norm, "sample_rate": self.sample_rate,
-                "direction": "canary_direction(seed, index, dim, clip_norm)",
+                "clip_norm": self.clip_norm, "sample_rate": self.sample_rate, "raw_norm": self.raw_norm,
+                "sampling": "units of the run's sampler, as records; gradients clipped as records'",
+                "direction": "canary_direction(seed, index, dim, raw_norm), clipped to clip_norm",
                 "score": "-<theta_final - theta_0, direction/|direction|>"}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "GradientCanaries":
+        raw = d.get("raw_norm")
         return cls(int(d["seed"]), int(d["count"]), list(d["param_names"]), [list(s) for s in d["param_shapes"]],
-                   float(d["clip_norm"]), float(d["sample_rate"]), [bool(b) for b in d["included"]])
+                   float(d["clip_norm"]), float(d["sample_rate"]), [bool(b) for b in d["included"]],
+                   float(raw) if raw is not None else float(d["clip_norm"]))
 
 
 def flatten(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:

@@ -188,22 +188,33 @@ def test_lira_bad_input() -> None:
 
 
 def test_rmia_hand_example() -> None:
-    # ratio_x = P(x|theta) / P(x); online P(x) = (mean_IN + mean_OUT) / 2.
+    # ratio_x = P(x|theta) / P(x). As the reference implementation (ml_privacy_meter run_rmia): P(x)
+    # from x's OUT reference models with the offline correction ((1 + a) mean_OUT + 1 - a) / 2, for x
+    # and z alike, even when IN models exist; LR(x, z) > gamma strictly.
     tx = np.array([0.8, 0.2])
     rx = np.array([[0.6, 0.3], [0.2, 0.1]])
     mask = np.array([[True, False], [False, True]])
     tz = np.array([0.5, 0.5, 0.9])
     rz = np.array([[0.5, 0.4, 0.9], [0.5, 0.6, 0.9]])
     a = 0.33
-    px = np.array([(0.6 + 0.2) / 2, (0.1 + 0.3) / 2])
     pz = 0.5 * ((1 + a) * rz.mean(axis=0) + (1 - a))
-    rxr, rzr = tx / px, tz / pz
-    expected = [(rxr[i] / rzr >= 1.0).mean() for i in range(2)]
+    rzr = tz / pz
+    px = 0.5 * ((1 + a) * np.array([0.2, 0.3]) + (1 - a))  # x0: OUT of model 1, x1: OUT of model 0
+    expected = [((tx[i] / px[i]) / rzr > 1.0).mean() for i in range(2)]
     assert np.allclose(rmia_scores(tx, rx, tz, rz, ref_in_mask=mask), expected)
-    # Offline: P(x) = ((1 + a) mean_OUT + 1 - a) / 2 over all reference models.
+    # The paper's online estimate, on request: P(x) = (mean_IN + mean_OUT) / 2.
+    px_bal = np.array([(0.6 + 0.2) / 2, (0.1 + 0.3) / 2])
+    expected_bal = [((tx[i] / px_bal[i]) / rzr > 1.0).mean() for i in range(2)]
+    assert np.allclose(rmia_scores(tx, rx, tz, rz, ref_in_mask=mask, balanced_px=True), expected_bal)
+    # No IN models at all: the same offline formula over all reference models.
     px_off = 0.5 * ((1 + a) * rx.mean(axis=0) + (1 - a))
-    expected_off = [((tx[i] / px_off[i]) / rzr >= 2.0).mean() for i in range(2)]
+    expected_off = [((tx[i] / px_off[i]) / rzr > 2.0).mean() for i in range(2)]
     assert np.allclose(rmia_scores(tx, rx, tz, rz, gamma=2.0), expected_off)
+    # Strict: a point z with exactly the same likelihood ratio as x does not count.
+    assert rmia_scores(np.array([0.5]), np.array([[0.5]]), np.array([0.5, 0.5]), np.array([[0.5, 0.5]]))[0] == 0.0
+    # An x every reference model trained on gets its IN mean as P(x).
+    s = rmia_scores(np.array([0.9]), np.array([[0.6], [0.4]]), tz, rz, ref_in_mask=np.array([[True], [True]]))
+    assert s[0] == pytest.approx(((0.9 / 0.5) / rzr > 1.0).mean())
 
 
 def test_rmia_with_few_reference_models() -> None:
@@ -216,12 +227,17 @@ def test_rmia_with_few_reference_models() -> None:
         s = rmia_scores(p(w.target_phi), p(out_only[:k]), p(w.pop_target_phi), p(w.pop_ref_phi[:k]))
         assert 0.0 <= s.min() and s.max() <= 1.0
         assert _auc(s, w.member) > loss_auc + 0.05
-    # Online, two reference models (one IN, one OUT per example).
-    s_on = rmia_scores(p(w.target_phi), p(w.ref_phi), p(w.pop_target_phi), p(w.pop_ref_phi), ref_in_mask=w.ref_mask)
+    # Two reference models (one IN, one OUT per example). As the reference implementation: P(x) from
+    # the one OUT model (offline correction) — beats the loss attack; the paper's balanced online
+    # estimate uses the IN model too and does better still.
+    s_ref = rmia_scores(p(w.target_phi), p(w.ref_phi), p(w.pop_target_phi), p(w.pop_ref_phi), ref_in_mask=w.ref_mask)
+    assert _auc(s_ref, w.member) > loss_auc + 0.05
+    s_on = rmia_scores(p(w.target_phi), p(w.ref_phi), p(w.pop_target_phi), p(w.pop_ref_phi), ref_in_mask=w.ref_mask,
+                       balanced_px=True)
     assert _auc(s_on, w.member) > max(0.75, loss_auc + 0.15)
     # gamma: a stricter pairwise test can only lower the score.
     s_strict = rmia_scores(p(w.target_phi), p(w.ref_phi), p(w.pop_target_phi), p(w.pop_ref_phi),
-                           ref_in_mask=w.ref_mask, gamma=2.0)
+                           ref_in_mask=w.ref_mask, gamma=2.0, balanced_px=True)
     assert (s_strict <= s_on).all() and (s_strict < s_on).any()
 
 

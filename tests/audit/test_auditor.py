@@ -343,3 +343,43 @@ def test_missing_run_and_bad_cli_input(tmp_path: Path, capsys: pytest.CaptureFix
                         (["audit", str(tmp_path), "--reference-models", "1", "--quiet"], "reference_models")):
         code, out, err = _cli(args, capsys)
         assert code == 2 and len(err.splitlines()) == 1 and field in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 14, item 4: canaries are one more unit of the accounted mechanism, so sampling and clipping
+# bugs that hit records hit them too and the audit flags them
+
+
+def _all_units(self: Any) -> np.ndarray:
+    """Planted sampling bug: every unit in every batch while the ledger says Poisson q."""
+    self.steps += 1
+    return np.arange(self.num_items)
+
+
+def _clip_at_100c(norms: Any, clip_norm: float) -> Any:
+    """Planted clipping bug: clip at 100·C while the ledger (and the noise) say C."""
+    return (100.0 * clip_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", ["sampling", "clipping"])
+def test_planted_sampling_and_clipping_bugs_are_violations(bug: str, tmp_path: Path) -> None:
+    """CANARIES (ε = 1 by PLD, σ = 2.10, q = 0.1, 20 steps, 1000 canaries). Measured (seeds fixed):
+    sampling bug ε_lower = 3.10 (AUC 0.91; the true ε of 20 unsampled releases is 10.79); clipping bug
+    ε_lower = 3.37 (AUC 0.91); the clean run 0.27 (AUC 0.59). While canaries drew their own Poisson
+    inclusion and were added after clipping at norm C, both bugs passed as `consistent`."""
+    from privaudit.mechanisms import per_sample, sampling
+
+    mp = pytest.MonkeyPatch()
+    try:
+        if bug == "sampling":
+            mp.setattr(sampling.PoissonSampler, "next_batch", _all_units)
+        else:
+            mp.setattr(per_sample, "clip_factors", _clip_at_100c)
+        run = _train(CANARIES, tmp_path / "run")
+    finally:
+        mp.undo()
+    res = audit_run(run, attacks=["gradient_canaries_one_run"], _write=False)
+    assert res.accounted["epsilon"]["pld"] == pytest.approx(1.0, abs=0.01)
+    assert res.verdict == "violation", (res.verdict_reason, res.epsilon_lower)
+    assert res.epsilon_lower["value"] > 1.5 * res.accounted["compared"]["epsilon"]

@@ -185,13 +185,46 @@ def test_ledger_matches_planned_events(tmp_path: Path, options: dict[str, Any]) 
             out[k] = out.get(k, 0) + e.count
         return out
 
-    assert total(got) == total(want) and total(got)
     if options.get("client_sample_secret"):
-        assert sum(e.count for e in got) == 2 and got[0].sample_rate == 0.5  # one subsampled event per round
+        # the realised (secret) schedule's most-participating client, one full release each; the plan
+        # charged the worst case (a client in every round)
+        sched = res.audit_key_extra["federated"]["schedule"]
+        top = max(sum(c in s for s in sched) for c in range(4))
+        assert sum(e.count for e in got) == top and all(e.sample_rate == 1.0 for e in got)
+        assert sum(e.count for e in want) == plan.participations == 2 >= top
     else:
+        assert total(got) == total(want) and total(got)
         assert plan.participations == max(sum(c in s for s in plan.schedule) for c in range(4))
     assert res.metrics["federated"]["rounds"] == 2
     assert res.run_files["server_view.json"]["rounds"][0]["clients"]
+
+
+def test_secret_client_sample_is_charged_what_the_server_sees(tmp_path: Path) -> None:
+    """Issue 14, item 3: 4 clients, 2 per round (Poisson, secret schedule), 12 rounds, z = 1. The old
+    ledger (one subsampled release per round at rate 1/2) said ε = 11.50 while the most-participating
+    client's 7 releases, seen one by one by the server, give 14.19."""
+    from privaudit.audit.accountants.base import compute_epsilon
+
+    cfg = tiny(options={"client_sampling": "poisson", "client_sample_secret": True, "rounds": 12},
+               training={"steps": 1}, data={"max_heldout": 2})
+    data = prepare_data(cfg)
+    with Ledger.create(tmp_path / "l.jsonl", mechanism="dp_fedlora") as ledger:
+        res = fit(cfg, data.train, data.heldout, ledger=ledger)
+    got = Ledger.read(tmp_path / "l.jsonl").events
+    rounds = res.run_files["server_view.json"]["rounds"]
+    seen = [sum(c in r["clients"] for r in rounds) for c in range(4)]  # what the server received, by id
+    one_by_one = [GaussianEvent(noise_multiplier=1.0, clip_norm=1.0, sampling="full")] * max(seen)
+    for acc in ("rdp", "pld"):
+        ledger_eps = compute_epsilon(got, 1e-5, acc).epsilon
+        assert ledger_eps >= compute_epsilon(one_by_one, 1e-5, acc).epsilon - 1e-9
+    from privaudit.mechanisms.dp_fedlora import ledger_header_extra
+
+    fed = ledger_header_extra(cfg)["federated"]  # the header states the observer's view of the sample
+    assert fed["amplification_by_client_sampling"] is False and fed["observer_sees_sample"] is True
+    # the issue's numbers: 7 releases at z = 1 (what the server sees) vs 12 subsampled ones (q = 1/2)
+    seven = compute_epsilon([one_by_one[0].with_count(7)], 1e-5, "pld").epsilon
+    amplified = compute_epsilon([GaussianEvent(noise_multiplier=1.0, sample_rate=0.5, count=12)], 1e-5, "pld").epsilon
+    assert seven == pytest.approx(14.19, abs=0.02) and amplified == pytest.approx(11.50, abs=0.02)
 
 
 def test_calibrated_client_dp_meets_the_target() -> None:

@@ -2,8 +2,8 @@
 
 Both are deterministic functions of public seeds (``options.partition_seed``,
 ``options.schedule_seed``): the server knows who holds how many records and whom it sampled. The one
-exception is Poisson client sampling declared secret from the observer (``client_sample_secret``):
-then the schedule is drawn from the run's secret noise seed.
+exception is ``client_sample_secret``: the Poisson schedule is drawn from the run's secret noise seed
+(the server still sees it: it receives each release under the client's id).
 """
 
 from __future__ import annotations

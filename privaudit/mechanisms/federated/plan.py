@@ -9,19 +9,21 @@ Privacy unit and neighbours, per mode (observer: the server, which sees every cl
   target_epsilon`` — or give ``privacy.noise_multiplier`` = σ_t/C_t directly). One ``gaussian`` event
   per tensor release; one ``claim`` event with the paper's per-tensor ε.
 * ``client_dp`` — client level: the client's whole update (all trainable tensors jointly, as a delta
-  from the round's global model) is clipped to C and N(0, σ²C²) is added by the client. Amplification
-  by client sampling is accounted only with Poisson client sampling declared secret from the observer
-  (``client_sample_secret: true``, recorded in the ledger header) — e.g. trusted sampling with secure
-  aggregation; otherwise each participation is a full release.
+  from the round's global model) is clipped to C and N(0, σ²C²) is added by the client. Each
+  participation is a full (unamplified) release: the server receives and stores every sampled
+  client's release under the client's id, so it knows the sample, and amplification by client
+  sampling does not hold against it. ``client_sample_secret: true`` only draws the Poisson schedule
+  from the run's secret seed (unpredictable from the config, hidden from anyone but the server); there
+  is no secure aggregation, and the ledger header records that the server sees who was sampled.
 * ``record_dp`` — record level: DP-SGD inside each client (``dp_lora``'s trainer, Poisson q_i =
   B/|D_i|, clip C, σ), composed over that client's participations. The ledger uses q_max = B/min|D_i|
   for every client (fail-closed: a larger q never costs less).
 
 Composition over clients: a unit (client, or record of one client) is only affected by its own
-client's releases. Without amplification the ledger therefore holds, write-ahead, the releases of the
-*most-participating* client: before each round the server appends one participation's events for
-every unit the maximum participation count grows by. With a secret Poisson sample it holds one
-subsampled event per round instead.
+client's releases. The ledger therefore holds, write-ahead, the releases of the *most-participating*
+client: before each round the server appends one participation's events for every unit the maximum
+participation count grows by. With a secret schedule the plan (calibration, ``epsilon --config``)
+charges the worst case, a client in every round; the run's ledger charges the realised schedule.
 """
 
 from __future__ import annotations
@@ -84,9 +86,9 @@ class FedLoraOptions(BaseModel):
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round: {self.clients_per_round} exceeds num_clients {self.num_clients}")
         if self.client_sample_secret and self.client_sampling != "poisson":
-            raise ValueError("client_sample_secret: amplification by client sampling needs client_sampling: poisson")
+            raise ValueError("client_sample_secret: a secret schedule needs client_sampling: poisson")
         if self.client_sample_secret and self.mode != "client_dp":
-            raise ValueError("client_sample_secret: only client_dp accounts amplification by client sampling")
+            raise ValueError("client_sample_secret: a secret schedule is offered for client_dp only")
         return self
 
     @property
@@ -148,7 +150,8 @@ class FedLoraPlan(PrivacyPlan):
     """A :class:`PrivacyPlan` for a federated run. ``noise_multiplier`` z = σ/C of every release;
     ``sample_rate`` = client sampling rate K/N (paper, client_dp) or the largest local DP-SGD rate
     (record_dp); ``steps`` = rounds. ``participations`` = the most rounds any one client takes part in
-    (None with a secret sample); ``schedule`` = clients per round (None: secret)."""
+    (with a secret schedule: ``rounds``, the worst case); ``schedule`` = clients per round (None:
+    secret)."""
 
     mode: str = "client_dp"
     privacy_unit: str = "client"
@@ -206,12 +209,6 @@ def participation_events(plan: FedLoraPlan) -> list[Event]:
                           count=plan.local_steps)]
 
 
-def round_event(plan: FedLoraPlan) -> Event:
-    """client_dp with a secret Poisson sample: the event of one round (every client, rate K/N)."""
-    return GaussianEvent(noise_multiplier=plan.noise_multiplier, sampling="poisson",
-                         sample_rate=plan.clients_per_round / plan.num_clients, clip_norm=plan.clip_norm)
-
-
 def claim_event(plan: FedLoraPlan) -> ClaimEvent | None:
     if plan.mode != "paper" or plan.paper_epsilon_per_tensor is None:
         return None
@@ -221,18 +218,17 @@ def claim_event(plan: FedLoraPlan) -> ClaimEvent | None:
 
 
 def events_before_round(plan: FedLoraPlan, new_levels: int) -> list[Event]:
-    """What the server appends (write-ahead) before a round's releases."""
-    if plan.client_sample_secret:
-        return [round_event(plan)]
+    """What the server appends (write-ahead) before a round's releases: one participation's events for
+    each level the most-participating client's count grows by (the server sees whom it sampled, so no
+    amplification by client sampling is credited, secret schedule or not)."""
     return participation_events(plan) * new_levels
 
 
 def all_events(plan: FedLoraPlan) -> list[Event]:
-    """Every event a finished run appends, claim first (the ledger's content, merged by count)."""
+    """Every event a finished run appends, claim first (the ledger's content, merged by count). With a
+    secret schedule: an upper bound on it (``participations`` = ``rounds``)."""
     out: list[Event] = []
     claim = claim_event(plan)
     if claim is not None:
         out.append(claim)
-    if plan.client_sample_secret:
-        return out + [round_event(plan).with_count(plan.rounds)]
     return out + participation_events(plan) * int(plan.participations or 0)

@@ -47,8 +47,7 @@ def run_rounds(plan: FedLoraPlan, opts: FedLoraOptions, schedule: Sequence[Seque
                dispatch: Dispatch, *, ledger: Any = None, view: ServerView | None = None,
                progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> dict[str, torch.Tensor]:
     """Run every round of ``schedule``; returns the final global state."""
-    levels = (new_participation_levels(schedule, plan.num_clients) if not plan.client_sample_secret
-              else [0] * len(schedule))
+    levels = new_participation_levels(schedule, plan.num_clients)  # the server sees whom it sampled
     expected = plan.clients_per_round if opts.client_sampling == "poisson" else None
     for rnd, clients in enumerate(schedule):
         if ledger is not None:
