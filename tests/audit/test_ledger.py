@@ -72,7 +72,8 @@ def test_identical_consecutive_events_are_merged(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert len(lines) == 4  # header + 3 event lines
     events = Ledger.read(path).events
-    assert [e.count for e in events] == [50, 1, 1]
+    # Readers merge equal events wherever they are (bounded memory; composition ignores order).
+    assert [e.count for e in events] == [51, 1]
     assert verify_ledger(path).ok
 
 
@@ -257,7 +258,8 @@ def test_writer_killed_mid_append_leaves_verifiable_ledger(tmp_path: Path) -> No
     assert acknowledged >= 60
     res = verify_ledger(path)
     # Either intact, or only a torn last line; the chain holds up to its last complete event.
-    assert res.status == "intact" or (res.status == "tampered" and res.bad_line == res.valid_lines + 1)
+    # (A killed writer never sealed: "incomplete", never "intact".)
+    assert res.status == "incomplete" or (res.status == "tampered" and res.bad_line == res.valid_lines + 1)
     led = Ledger.open(path)  # repairs a torn tail
     total = sum(e.count for e in led.events)
     led.close()
