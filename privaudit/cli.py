@@ -139,6 +139,8 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
             if len(names) == 1:
                 raise
             unavailable.append({"accountant": n, "reason": str(exc)})
+    if not results:  # no accountant could answer: one clear line, never an empty table
+        fail_input(f"{unavailable[0]['reason']} (no accountant could compute ε)")
     if as_json:
         out: dict[str, Any] = {"delta": delta, "results": [r.to_json() for r in results]}
         if integrity is not None:

@@ -194,6 +194,16 @@ class VerifyResult:
                 "releases": self.releases}
 
 
+def _identity_key(raw_ev: dict[str, Any]) -> Any:
+    """A hashable key equal for two raw events that differ at most in ``count`` (types included)."""
+    key = tuple(sorted((k, type(v).__name__, v) for k, v in raw_ev.items() if k != "count"))
+    try:
+        hash(key)
+    except TypeError:  # lists or objects inside (plaintext shapes, encryption parameters)
+        return canonical_json({k: v for k, v in raw_ev.items() if k != "count"})
+    return key
+
+
 def _seal_of(obj: dict[str, Any]) -> dict[str, Any]:
     seal = obj.get("seal")
     if not isinstance(seal, dict):
@@ -224,7 +234,7 @@ def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
     pub = load_public_key(public_key)
     p = Path(path)
     sp = str(p)
-    merged: dict[str, list[Any]] = {}  # identity key -> [event, count]
+    merged: dict[Any, list[Any]] = {}  # identity key -> [event, count]
     by_type: dict[str, dict[str, int]] = {}
     header: LedgerHeader | None = None
     prev = GENESIS
@@ -296,8 +306,7 @@ def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
                     raw_ev = obj["event"]
                     if not isinstance(raw_ev, dict):
                         raise ValueError("event: not an object")
-                    ident = {k: v for k, v in raw_ev.items() if k != "count"}
-                    key = canonical_json(ident)
+                    key = _identity_key(raw_ev)
                     slot = merged.get(key)
                     if slot is None:
                         if len(merged) >= MAX_DISTINCT_EVENTS:

@@ -343,3 +343,51 @@ def test_forgery_consistent_with_the_manifest_needs_the_public_key(signed_run: t
         load_run(rd, public_key=pub)
     rc, _, err = invoke(capsys, "audit", str(rd), "--quiet", "--public-key", str(pub))
     assert rc == 1 and "not signed" in err
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_continues_an_unsealed_ledger_and_refuses_a_sealed_one(tmp_path: Path) -> None:
+    from tests.test_runs import cfg_with
+
+    from privaudit.runs import train
+
+    cfg = cfg_with(training={"steps": 6, "checkpoint_every": 2})
+    rd = tmp_path / "run"
+
+    def crash(step: int, total: int, info: dict[str, Any]) -> None:
+        if step == 3:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(cfg, rd, progress=crash)
+    assert read_ledger(rd / "ledger.jsonl").status == "incomplete"  # crashed: no seal
+    res = train(None, rd, resume=True, progress=False)
+    final = read_ledger(rd / "ledger.jsonl", manifest=res.manifest)
+    assert final.verified and final.seal == res.manifest["ledger_seal"]
+    assert final.releases == res.privacy["ledger_releases"] >= 6
+    # a crash after sealing, before the manifest was completed: the sealed ledger is never reopened
+    m = json.loads((rd / "manifest.json").read_text())
+    m["status"] = "running"
+    (rd / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LedgerSealedError, match="sealed"):
+        train(None, rd, resume=True, progress=False)
+    assert read_ledger(rd / "ledger.jsonl").seal == final.seal  # untouched
+
+
+def test_too_many_distinct_segments_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from privaudit.audit.accountants.base import Accountant
+
+    monkeypatch.setattr(Accountant, "max_segments", 8)
+    path = tmp_path / "l.jsonl"
+    with Ledger.create(path, target_delta=DELTA) as led:
+        for i in range(20):
+            led.append(GaussianEvent(noise_multiplier=1.0 + i / 10, sample_rate=0.01))
+        led.seal()
+    rc, _, err = invoke(capsys, "epsilon", "--ledger", str(path), "--accountant", "rdp")
+    assert rc == 2 and "at most 8" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = invoke(capsys, "epsilon", "--ledger", str(path))
+    assert rc == 2 and "at most" in err and len(err.strip().splitlines()) == 1
