@@ -379,9 +379,10 @@ def test_resume_continues_an_unsealed_ledger_and_refuses_a_sealed_one(tmp_path: 
 
 def test_too_many_distinct_segments_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from privaudit.audit.accountants.base import Accountant
+    from privaudit.audit.accountants.base import accountant_names, get_accountant
 
-    monkeypatch.setattr(Accountant, "max_segments", 8)
+    for name in accountant_names():
+        monkeypatch.setattr(type(get_accountant(name)), "max_segments", 8)
     path = tmp_path / "l.jsonl"
     with Ledger.create(path, target_delta=DELTA) as led:
         for i in range(20):
