@@ -124,7 +124,7 @@ def noise_header(cfg: RunConfig) -> dict[str, Any]:
     """The ledger header's record of where the noise came from (see ``privaudit.mechanisms.rng``)."""
     from privaudit.mechanisms.rng import describe_noise_source
 
-    return describe_noise_source(cfg.privacy.noise_seed)
+    return describe_noise_source(cfg.privacy.noise_seed, cfg.mechanism)
 
 
 def _header_extra(mech: Any, cfg: RunConfig) -> dict[str, Any]:

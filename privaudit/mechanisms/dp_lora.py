@@ -31,6 +31,7 @@ from privaudit.audit.events import Event, GaussianEvent, PlaintextEvent
 from privaudit.config import PrivacyPlan, RunConfig
 from privaudit.data import Record
 from privaudit.mechanisms.per_sample import PerSampleGradients
+from privaudit.mechanisms import rng
 from privaudit.mechanisms.sampling import Sampler, fresh_seed, make_sampler
 from privaudit.mechanisms.training import (
     Checkpointer,
@@ -112,11 +113,11 @@ def apply_noisy_update(params: Sequence[tuple[str, nn.Parameter]], total: dict[s
         ref = grads[0]
         if all(g.dtype == ref.dtype and g.device == ref.device for g in grads):
             sizes = [g.numel() for g in grads]
-            noise = torch.randn(sum(sizes), generator=generator, device=ref.device, dtype=ref.dtype).mul_(std)
+            noise = rng.randn(sum(sizes), generator=generator, device=ref.device, dtype=ref.dtype).mul_(std)
             torch._foreach_add_(grads, [z.view_as(g) for z, g in zip(noise.split(sizes), grads)])
         else:
             for g in grads:
-                g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype).mul_(std))
+                g.add_(rng.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype).mul_(std))
     torch._foreach_div_(grads, float(denominator))
     for (_, p), g in zip(params, grads):
         p.grad = g
@@ -151,10 +152,10 @@ class DPLoraTrainer:
         secret = secret_seed if secret_seed is not None else (
             cfg.privacy.noise_seed if cfg.privacy.noise_seed is not None else fresh_seed())
         s_seed, n_seed, c_seed = _derive_seeds(secret)
+        secure = secret_seed is None and cfg.privacy.noise_seed is None  # CSPRNG unless seeded (rng.py)
         self.sampler: Sampler = make_sampler(plan.sampling, len(self.records), sample_rate=plan.sample_rate,
-                                             batch_size=plan.batch_size, seed=s_seed)
-        self.noise_gen = torch.Generator(device=device)
-        self.noise_gen.manual_seed(n_seed)
+                                             batch_size=plan.batch_size, seed=None if secure else s_seed)
+        self.noise_gen = rng.noise_generator(None if secure else n_seed, device)
         self.canary_rng = np.random.Generator(np.random.PCG64(c_seed))
         self.canaries: GradientCanaries | None = None
         m = cfg.audit.gradient_canaries
