@@ -364,6 +364,9 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
                f"ε at δ = {privacy['delta']:g}: {eps_text}")
     if privacy.get("guarantee") == "none":
         click.echo(f"no formal guarantee: {privacy.get('reason')}")
+    seal = result.manifest.get("ledger_seal") or {}
+    click.echo(f"ledger sealed: {seal.get('event_lines')} event lines, {seal.get('releases')} releases, "
+               + (f"signed (key id {seal['key_id']})" if seal.get("signature") else "unsigned"))
     md = privacy.get("metric_dp") or {}
     if md.get("eta") is not None:
         click.echo(f"metric DP ({md.get('guarantee')}): η = {md['eta']:.4g} per unit distance; ε = "

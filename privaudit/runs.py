@@ -61,7 +61,8 @@ class RunResult:
         """One JSON-able summary (what ``privaudit train --json`` prints)."""
         return {"run_dir": str(self.run_dir), "status": self.manifest["status"],
                 "mechanism": self.manifest["mechanism"], "metrics": self.metrics, "privacy": self.privacy,
-                "ledger_head_hash": self.manifest["ledger_head_hash"]}
+                "ledger_head_hash": self.manifest["ledger_head_hash"],
+                "ledger_seal": self.manifest.get("ledger_seal")}
 
 
 def library_versions() -> dict[str, str]:
