@@ -104,6 +104,10 @@ def _read_raw_lines(path: Path) -> tuple[list[bytes], bool]:
 
 MAX_LINE_BYTES = 1 << 20
 """Longest ledger line accepted (bytes). A header with many claims is a few KiB; an event < 1 KiB."""
+MAX_ORDERED_RUNS = 100_000
+"""Readers return events in file order (consecutive equal events merged) up to this many runs of
+equal events (~10 MB); beyond it, equal events are merged wherever they are (order is lost, which
+composition does not need)."""
 MAX_DISTINCT_EVENTS = 10_000
 """Most *distinct* events (equal up to ``count``) a reader keeps. Reading streams the file line by
 line and merges equal events, so memory is O(distinct events), not O(file size); a ledger with more
@@ -137,8 +141,9 @@ class VerifyResult:
     * ``unreadable`` — not a ledger (missing, no header, not JSON at line 1) or above a reader's bound.
 
     ``valid_lines``: leading lines forming a valid chain; ``bad_line``: the first bad line (1-based).
-    ``events``: the events, equal ones merged (``count`` summed) in order of first appearance: the
-    accountants' view (composition does not depend on order). ``event_lines``: event lines read.
+    ``events``: the events in file order, consecutive equal ones merged (``count`` summed); above
+    :data:`MAX_ORDERED_RUNS` runs, equal events merged wherever they are (first-appearance order:
+    composition does not depend on order). ``event_lines``: event lines read.
     ``releases``: sum of ``count`` over every event except claims. ``signature``: ``valid`` (checked
     against a given key), ``unchecked`` (signed, no key given), ``unsigned`` or None (no seal).
     """
@@ -245,9 +250,16 @@ def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
     event_lines = 0
     i = 0
 
+    ordered: list[list[Any]] | None = []  # [key, event, count] runs of consecutive equal events
+
     def result(status: str, message: str, bad: int | None = None) -> VerifyResult:
         keep = status in ("intact", "incomplete") and collect
-        evs = tuple(ev.with_count(n) for ev, n in merged.values()) if keep else ()
+        if not keep:
+            evs: tuple[Event, ...] = ()
+        elif ordered is not None:
+            evs = tuple(ev.with_count(n) for _, ev, n in ordered)
+        else:
+            evs = tuple(ev.with_count(n) for ev, n in merged.values())
         return VerifyResult(status, message, valid_lines=i, bad_line=bad, head_hash=head,  # type: ignore[arg-type]
                             last_seq=last_seq, header=header, events=evs, event_lines=event_lines,
                             lines_by_type=by_type if keep else {}, releases=releases, seal=seal,
@@ -325,6 +337,13 @@ def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
                     if releases > MAX_COUNT:
                         return bad(f"event.count: total releases exceed {MAX_COUNT:.0e}")
                     slot[1] += n
+                    if ordered is not None:
+                        if ordered and ordered[-1][0] == key:
+                            ordered[-1][2] += n
+                        else:
+                            ordered.append([key, slot[0], n])
+                            if len(ordered) > MAX_ORDERED_RUNS:
+                                ordered = None  # too long to keep in order: equal events aggregated
                     d = by_type.setdefault(etype, {"lines": 0, "count": 0})
                     d["lines"] += 1
                     d["count"] += n
@@ -612,7 +631,7 @@ class Ledger:
     # -- reading ------------------------------------------------------------------------------
     @property
     def events(self) -> list[Event]:
-        """The events. Read-only ledgers merge equal events (count summed, first-appearance order)."""
+        """The events in order (see :attr:`VerifyResult.events` for read-only ledgers)."""
         if self._reading is not None:
             return list(self._reading.events)
         return [parse_event(line["event"]) for line in self._lines[1:] if line["kind"] == "event"]

@@ -241,8 +241,12 @@ def test_many_distinct_events_stream_with_bounded_memory_or_are_refused(tmp_path
             led.append(GaussianEvent(noise_multiplier=1.0 + (i % 100) / 100, sample_rate=0.01))
         led.seal()
     res = read_ledger(path)
-    assert res.verified and res.event_lines == 300 and len(res.events) == 100  # equal events merged
+    assert res.verified and res.event_lines == 300 and len(res.events) == 300  # file order kept
+    monkeypatch.setattr(L, "MAX_ORDERED_RUNS", 50)
+    res = read_ledger(path)
+    assert res.verified and len(res.events) == 100  # too long to keep in order: equal events merged
     assert sum(e.count for e in res.events) == 300
+    assert [e.noise_multiplier for e in res.events] == [1.0 + i / 100 for i in range(100)]
     monkeypatch.setattr(L, "MAX_DISTINCT_EVENTS", 50)
     rc, _, err = invoke(capsys, "epsilon", "--ledger", str(path))
     assert rc == 2 and "distinct events" in err and len(err.strip().splitlines()) == 1
