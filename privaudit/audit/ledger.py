@@ -250,7 +250,7 @@ def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
     event_lines = 0
     i = 0
 
-    ordered: list[list[Any]] | None = []  # [key, event, count] runs of consecutive equal events
+    ordered: list[list[Any]] | None = []  # [slot, event, count] runs of consecutive equal events
 
     def result(status: str, message: str, bad: int | None = None) -> VerifyResult:
         keep = status in ("intact", "incomplete") and collect
@@ -338,10 +338,10 @@ def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
                         return bad(f"event.count: total releases exceed {MAX_COUNT:.0e}")
                     slot[1] += n
                     if ordered is not None:
-                        if ordered and ordered[-1][0] == key:
+                        if ordered and ordered[-1][0] is slot:  # the same distinct event as the last run
                             ordered[-1][2] += n
                         else:
-                            ordered.append([key, slot[0], n])
+                            ordered.append([slot, slot[0], n])
                             if len(ordered) > MAX_ORDERED_RUNS:
                                 ordered = None  # too long to keep in order: equal events aggregated
                     d = by_type.setdefault(etype, {"lines": 0, "count": 0})
