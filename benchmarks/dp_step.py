@@ -12,7 +12,12 @@ on c_attn and c_proj, one batch of 32 sequences × 64 tokens, causal-LM loss, CP
 
 Steps are interleaved round-robin (so load drift hits all variants alike); medians and minima are
 reported (on a shared, loaded machine the minima are the better estimate of the unloaded cost).
-Usage: ``python benchmarks/dp_step.py [--rounds 10] [--threads 2] [--clock wall|cpu] [--json]``.
+* ``--secure-noise``: also the privaudit step with its default noise source, the CSPRNG
+  (``privaudit.mechanisms.rng.SecureGenerator``: AES-256-CTR + Box–Muller), against the seeded torch
+  generator of the ``privaudit`` variant, and the cost of drawing the noise vector alone
+  (``--noise-sizes``, default the LoRA parameter count and 10M) with each generator.
+
+Usage: ``python benchmarks/dp_step.py [--rounds 10] [--threads 2] [--clock wall|cpu] [--secure-noise] [--json]``.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ def main() -> int:
                          "with --threads 1)")
     ap.add_argument("--norm-method", default="auto", choices=["auto", "ghost", "materialise"])
     ap.add_argument("--no-opacus", action="store_true")
+    ap.add_argument("--secure-noise", action="store_true",
+                    help="also time the step with the CSPRNG noise source (the default of a real run)")
+    ap.add_argument("--noise-sizes", default=None,
+                    help="comma-separated noise vector sizes for the draw-only timing (with --secure-noise)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,6 +129,27 @@ def main() -> int:
         "privaudit": ours_step,
         "privaudit_with_ledger": lambda: ours_step(True),
     }
+    noise_draw: dict[str, Any] = {}
+    if args.secure_noise:
+        from privaudit.mechanisms.rng import SecureGenerator, randn
+
+        secure = SecureGenerator()
+
+        def secure_step() -> None:
+            total = {n: torch.zeros_like(p) for n, p in named}
+            accumulate_clipped_sum(ours, psg, batch, task, clip, total)
+            apply_noisy_update(named, total, sigma * clip, float(args.batch), secure, ours_opt)
+
+        variants["privaudit_csprng"] = secure_step
+        n_params = sum(p.numel() for _, p in named)
+        sizes = [int(float(x)) for x in args.noise_sizes.split(",")] if args.noise_sizes else [n_params, 10_000_000]
+        for n in sizes:
+            row: dict[str, float] = {}
+            for label, g in (("torch_seeded", torch.Generator().manual_seed(3)), ("csprng", secure)):
+                ts = [timed(lambda: randn(n, generator=g)) for _ in range(max(3, args.rounds // 2))]
+                row[label] = min(ts)
+            row["ratio"] = row["csprng"] / row["torch_seeded"]
+            noise_draw[str(n)] = row
 
     # -- Opacus --------------------------------------------------------------------------------------
     if not args.no_opacus:
@@ -162,6 +192,9 @@ def main() -> int:
         "rounds": args.rounds,
         "torch": torch.__version__,
     }
+    if noise_draw:
+        result["noise_draw_min_seconds"] = noise_draw
+        result["csprng_step_ratio"] = med["privaudit_csprng"] / med["privaudit"]
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -170,6 +203,11 @@ def main() -> int:
             ratio = "" if k == "non_private" else (f"  ({med[k] / med['non_private']:.3f}× non-private; "
                                                    f"minima {best[k] / best['non_private']:.3f}×)")
             print(f"{k:>22}: median {med[k] * 1000:8.1f} ms/step, min {best[k] * 1000:8.1f}{ratio}")
+        if noise_draw:
+            print(f"CSPRNG step ÷ seeded step (medians): {result['csprng_step_ratio']:.3f}")
+            for n, row in noise_draw.items():
+                print(f"noise draw of {n} values: torch seeded {row['torch_seeded'] * 1000:.2f} ms, "
+                      f"CSPRNG {row['csprng'] * 1000:.2f} ms ({row['ratio']:.2f}×)")
     return 0
 
 

@@ -75,10 +75,15 @@ ACCOUNTANT_CHOICES = ["rdp", "pld", "prv", "all"]
 @click.option("--neighbouring", type=click.Choice(["add_remove", "replace"]), default=None,
               help="Neighbouring relation (default: the ledger's, else add_remove).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 public key (PEM): the ledger's seal must be signed by its private key.")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Account an unsealed ledger (a running or crashed run): ε of what it records so far.")
 def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier: float | None,
             sample_rate: float | None, steps: str | None, delta: float | None, accountant: str,
-            neighbouring: str | None, as_json: bool) -> None:
-    """ε(δ) of a config, a ledger, or a DP-SGD setting (σ, q, steps)."""
+            neighbouring: str | None, as_json: bool, public_key: Path | None, allow_incomplete: bool) -> None:
+    """ε(δ) of a config, a ledger, or a DP-SGD setting (σ, q, steps). A ledger must verify (exit 1
+    naming the first bad line otherwise) and be sealed unless --allow-incomplete."""
     from privaudit.audit.accountants.base import accountant_names, get_accountant, segments_from_events
     from privaudit.audit.events import GaussianEvent
 
@@ -88,10 +93,13 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
         fail_input("give exactly one of --config, --ledger, or --noise-multiplier/--sample-rate/--steps")
     claims: list[dict[str, Any]] = []
     relation = neighbouring
+    integrity: str | None = None
+    no_releases = False
     if ledger_path is not None:
         from privaudit.audit.ledger import Ledger
 
-        ledger = _read_ledger(ledger_path)
+        ledger = _read_ledger(ledger_path, public_key, allow_incomplete)
+        integrity, no_releases = ledger.reading.integrity, ledger.reading.no_releases
         events = ledger.events
         relation = relation or ledger.header.neighbouring
         delta = delta if delta is not None else ledger.header.target_delta
@@ -131,8 +139,13 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
             if len(names) == 1:
                 raise
             unavailable.append({"accountant": n, "reason": str(exc)})
+    if not results:  # no accountant could answer: one clear line, never an empty table
+        fail_input(f"{unavailable[0]['reason']} (no accountant could compute ε)")
     if as_json:
         out: dict[str, Any] = {"delta": delta, "results": [r.to_json() for r in results]}
+        if integrity is not None:
+            out["ledger"] = integrity
+            out["no_releases_recorded"] = no_releases
         if unavailable:
             out["unavailable"] = unavailable
         if claims:
@@ -150,6 +163,9 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
                       _format_eps(r.epsilon_upper))
     console = Console()
     console.print(table)
+    if integrity is not None:
+        console.print(f"ledger: {integrity}" + ("; no releases recorded" if no_releases else ""),
+                      markup=False)
     for u in unavailable:
         console.print(f"{u['accountant']}: unavailable ({u['reason']})")
     for r in results:
@@ -209,43 +225,60 @@ def ledger() -> None:
     """Inspect and verify privacy ledgers."""
 
 
-def _read_ledger(path: Path) -> Any:
-    from privaudit.audit.ledger import Ledger, LedgerCorruptError
+def _read_ledger(path: Path, public_key: Path | None = None, allow_incomplete: bool = False) -> Any:
+    """The ledger through the one reading function: unreadable (or above a bound) exit 2, tampered or
+    (unless allowed) unsealed exit 1 naming the first bad line."""
+    from privaudit.audit.ledger import Ledger, LedgerCorruptError, LedgerUnreadableError
 
-    if not path.exists():
-        fail_input(f"ledger: {path} does not exist")
     try:
-        return Ledger.read(path)
+        led = Ledger.read(path, public_key=public_key)
     except LedgerCorruptError as exc:
         raise CheckFailed(str(exc)) from None
+    except LedgerUnreadableError as exc:
+        fail_input(str(exc))
+    if led.status == "incomplete" and not allow_incomplete:
+        raise CheckFailed(f"ledger {path}: INCOMPLETE: {led.reading.message} (--allow-incomplete to read it "
+                          "anyway)")
+    return led
+
+
+_PUBLIC_KEY_OPTION = click.option(
+    "--public-key", type=click.Path(path_type=Path), default=None,
+    help="Ed25519 public key (PEM, from `privaudit keygen`): the seal must be signed by its private key.")
+_INCOMPLETE_OPTION = click.option("--allow-incomplete", is_flag=True,
+                                  help="Accept an unsealed ledger (a running or crashed run): exit 0.")
 
 
 @ledger.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def ledger_verify(path: Path, as_json: bool) -> None:
-    """Check the hash chain: exit 0 intact, 1 tampered, 2 unreadable."""
+@_PUBLIC_KEY_OPTION
+@_INCOMPLETE_OPTION
+def ledger_verify(path: Path, as_json: bool, public_key: Path | None, allow_incomplete: bool) -> None:
+    """Check the hash chain and seal: exit 0 intact, 1 tampered or incomplete (unsealed), 2 unreadable."""
     from privaudit.audit.ledger import verify_ledger
 
-    res = verify_ledger(path)
+    res = verify_ledger(path, public_key=public_key)
     if as_json:
-        emit_json({"path": str(path), "status": res.status, "message": res.message,
-                   "valid_lines": res.valid_lines, "bad_line": res.bad_line,
-                   "head_hash": res.head_hash})
+        emit_json(res.to_json())
     if res.status == "unreadable":
         fail_input(f"ledger: {res.message}")
     if res.status == "tampered":
         raise CheckFailed(f"ledger {path}: TAMPERED: {res.message}")
+    if res.status == "incomplete" and not allow_incomplete:
+        raise CheckFailed(f"ledger {path}: INCOMPLETE: {res.message}")
     if not as_json:
-        click.echo(f"ledger {path}: intact ({res.message}); head {res.head_hash}")
+        click.echo(f"ledger {path}: {res.integrity} ({res.message}); head {res.head_hash}")
 
 
 @ledger.command("show")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def ledger_show(path: Path, as_json: bool) -> None:
-    """Summary of a ledger: events by type, releases, head hash."""
-    led = _read_ledger(path)
+@_PUBLIC_KEY_OPTION
+@_INCOMPLETE_OPTION
+def ledger_show(path: Path, as_json: bool, public_key: Path | None, allow_incomplete: bool) -> None:
+    """Summary of a ledger: integrity, events by type, releases, head hash (exit codes as verify)."""
+    led = _read_ledger(path, public_key, allow_incomplete)
     summary = led.summary()
     if as_json:
         emit_json(summary)
@@ -264,7 +297,23 @@ def ledger_show(path: Path, as_json: bool) -> None:
     for kind, d in summary["events"].items():
         table.add_row(kind, str(d["lines"]), str(d["count"]))
     console.print(table)
+    if summary["no_releases_recorded"]:
+        console.print("no releases recorded")
     console.print(f"head hash {summary['head_hash']}")
+    console.print(f"ledger: {summary['integrity']}", markup=False)
+    if summary.get("noise_secure") is False:
+        console.print(f"noise: {summary['noise_source']}", markup=False)
+
+
+@cli.command()
+@click.argument("key_path", metavar="KEY", type=click.Path(path_type=Path))
+def keygen(key_path: Path) -> None:
+    """Write an Ed25519 key pair for signing ledger seals: KEY (private, mode 0600; pass it to
+    `train --signing-key`) and KEY.pub (public; give it to reviewers for `--public-key`)."""
+    from privaudit.audit.seal import generate_keypair
+
+    priv, pub = generate_keypair(key_path)
+    click.echo(f"private key {priv} (keep it secret); public key {pub}")
 
 
 @cli.command("he-worker")
@@ -290,7 +339,10 @@ def he_worker(port: int, once: bool) -> None:
                    "after that checkpoint stay counted: a resumed run may over-count, never under-count).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
-def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: bool) -> None:
+@click.option("--signing-key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 private key (PEM, from `privaudit keygen`) that signs the ledger's seal.")
+def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: bool,
+          signing_key: Path | None) -> None:
     """Train a config and write the run directory (manifest, ledger, adapter, audit key)."""
     from privaudit.audit.ledger import LedgerLockedError
     from privaudit.config import load_config
@@ -298,7 +350,7 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 
     cfg = load_config(config_path)
     try:
-        result = train_run(cfg, run_dir, resume=resume, progress=not quiet)
+        result = train_run(cfg, run_dir, resume=resume, progress=not quiet, signing_key=signing_key)
     except LedgerLockedError as exc:
         fail_input(str(exc))
     if as_json:
@@ -312,6 +364,9 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
                f"ε at δ = {privacy['delta']:g}: {eps_text}")
     if privacy.get("guarantee") == "none":
         click.echo(f"no formal guarantee: {privacy.get('reason')}")
+    seal = result.manifest.get("ledger_seal") or {}
+    click.echo(f"ledger sealed: {seal.get('event_lines')} event lines, {seal.get('releases')} releases, "
+               + (f"signed (key id {seal['key_id']})" if seal.get("signature") else "unsigned"))
     md = privacy.get("metric_dp") or {}
     if md.get("eta") is not None:
         click.echo(f"metric DP ({md.get('guarantee')}): η = {md['eta']:.4g} per unit distance; ε = "
@@ -339,8 +394,9 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 @click.option("--seed", type=int, default=0, show_default=True, help="The auditor's seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (audit.json).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_PUBLIC_KEY_OPTION
 def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence: float, seed: int,
-          as_json: bool, quiet: bool) -> None:
+          as_json: bool, quiet: bool, public_key: Path | None) -> None:
     """Audit a run: attacks, empirical ε lower bound, verdict; writes RUN_DIR/audit.json (exit 1 on a
     violation)."""
     from privaudit.audit.auditor import audit_run
@@ -349,7 +405,7 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
     names = None if attacks is None else [a.strip() for a in attacks.split(",")]
     try:
         result = audit_run(run_dir, attacks=names, reference_models=reference_models, confidence=confidence,
-                           seed=seed, progress=not quiet)
+                           seed=seed, progress=not quiet, public_key=public_key)
     except LedgerCorruptError as exc:
         raise CheckFailed(f"ledger of {run_dir}: {exc}") from None
     if as_json:
@@ -373,6 +429,9 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
         acc = result.accounted
         eps_text = ", ".join(f"{k} {_format_eps(v if v is not None else math.inf)}" for k, v in acc["epsilon"].items())
         console.print(f"accounted ε at δ = {acc['delta']:g}: {eps_text}")
+        if acc.get("ledger"):
+            console.print(f"ledger: {acc['ledger']}" + ("; no releases recorded" if acc.get("note") else ""),
+                          markup=False)
         el = result.epsilon_lower
         console.print(f"empirical ε lower bound: {_format_eps(el['value'])} at {100 * el['confidence']:g}% "
                       f"confidence ({el.get('attack') or 'no bound'})")
@@ -395,19 +454,25 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
               help="PDF to write; figures (PNG) and tables (CSV, JSON) go beside it.")
 @click.option("--quiet", is_flag=True, help="No progress messages.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object listing what was written.")
-def report(run_dirs: tuple[Path, ...], out_pdf: Path, quiet: bool, as_json: bool) -> None:
-    """Render runs (trained, optionally audited) as a PDF report with figures and tables."""
+@_PUBLIC_KEY_OPTION
+def report(run_dirs: tuple[Path, ...], out_pdf: Path, quiet: bool, as_json: bool, public_key: Path | None) -> None:
+    """Render runs (trained, optionally audited) as a PDF report with figures and tables (exit 1 when a
+    run's ledger does not verify: tampered, incomplete or not matching its manifest)."""
     from privaudit.reports import build_report
 
     if not run_dirs:
         fail_input("RUN_DIR: give at least one run directory")
     say = None if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
-    out = build_report(list(run_dirs), out_pdf, progress=say)
+    out = build_report(list(run_dirs), out_pdf, progress=say, public_key=public_key)
     if as_json:
         emit_json({"pdf": str(out.pdf), "figures": {k: str(v) for k, v in out.figures.items()},
                    "runs_csv": str(out.runs_csv), "runs_json": str(out.runs_json)})
     else:
         click.echo(f"report: {out.pdf} ({len(out.figures)} figures, tables beside it)")
+    bad = [r for r in out.records if r.ledger_status != "intact"]
+    if bad:
+        raise CheckFailed("; ".join(f"ledger of {r.label}: {r.ledger_status.upper()}: {r.ledger_message}"
+                                    for r in bad) + " (no guarantee stated for it)")
 
 
 def _float_list(name: str, text: str | None) -> list[float]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from privaudit.audit.events import GaussianEvent, PlaintextEvent
-from privaudit.audit.ledger import Ledger
+from privaudit.audit.ledger import Ledger, LedgerCorruptError
 from privaudit.config import RunConfig, claims_of, config_to_dict, parse_config, resolve_plan
 from privaudit.durable import write_atomic
 
@@ -61,7 +61,8 @@ class RunResult:
         """One JSON-able summary (what ``privaudit train --json`` prints)."""
         return {"run_dir": str(self.run_dir), "status": self.manifest["status"],
                 "mechanism": self.manifest["mechanism"], "metrics": self.metrics, "privacy": self.privacy,
-                "ledger_head_hash": self.manifest["ledger_head_hash"]}
+                "ledger_head_hash": self.manifest["ledger_head_hash"],
+                "ledger_seal": self.manifest.get("ledger_seal")}
 
 
 def library_versions() -> dict[str, str]:
@@ -120,6 +121,13 @@ def epsilon_section(ledger: Ledger, delta: float) -> dict[str, Any]:
     return out
 
 
+def noise_header(cfg: RunConfig) -> dict[str, Any]:
+    """The ledger header's record of where the noise came from (see ``privaudit.mechanisms.rng``)."""
+    from privaudit.mechanisms.rng import describe_noise_source
+
+    return describe_noise_source(cfg.privacy.noise_seed, cfg.mechanism)
+
+
 def _header_extra(mech: Any, cfg: RunConfig) -> dict[str, Any]:
     """The mechanism's extra ledger-header fields (hook ``ledger_header_extra``), or none."""
     hook = getattr(mech, "ledger_header_extra", None)
@@ -166,13 +174,20 @@ class _RichProgress:
 
 
 def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
-          progress: bool | Callable[[int, int, dict[str, Any]], None] = True) -> RunResult:
+          progress: bool | Callable[[int, int, dict[str, Any]], None] = True,
+          signing_key: Any = None) -> RunResult:
     """Train ``cfg`` and write the run directory ``run_dir`` (see the module docstring).
 
     ``resume=True`` continues an interrupted run in ``run_dir`` (``cfg`` may then be None: the saved
     config is used; if given it must equal the saved one). ``progress``: True for a progress bar on
     stderr, False for none, or a callable ``(step, total, info)``.
+
+    A finished run seals its ledger (event lines, releases, head hash), signed with ``signing_key``
+    (an Ed25519 private key or PEM path, see ``privaudit keygen``) when given; the manifest keeps the
+    seal (``ledger_seal``) and the head hash (``ledger_head_hash``). A crashed run's ledger is unsealed
+    and ``resume`` continues it; a sealed ledger is never reopened (``LedgerSealedError``).
     """
+    from privaudit.audit.seal import load_signing_key
     from safetensors.torch import save_file
 
     from privaudit.mechanisms import get_mechanism
@@ -181,6 +196,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
 
     rd = Path(run_dir)
     manifest_path = rd / MANIFEST
+    signing_key = load_signing_key(signing_key)  # a bad key fails before anything is written
     if resume:
         if not manifest_path.exists():
             raise ValueError(f"run_dir: {rd} holds no run to resume (no {MANIFEST})")
@@ -237,7 +253,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
                                privacy_unit=header_extra.pop("privacy_unit", cfg.privacy.privacy_unit),
                                neighbouring=cfg.privacy.neighbouring,
                                target_delta=cfg.privacy.delta, observer=mech.OBSERVER, claims=claims_of(cfg),
-                               **header_extra)
+                               **noise_header(cfg), **header_extra)
     bar: _RichProgress | None = None
     callback: Callable[[int, int, dict[str, Any]], None] | None
     if progress is True:
@@ -280,6 +296,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
             "target_epsilon": cfg.privacy.target_epsilon, "ledger_releases": ledger_releases(ledger),
             **privacy_of(mech, ledger, plan, cfg, result.metrics),
         }
+        manifest["ledger_seal"] = ledger.seal(signing_key)
         manifest["ledger_head_hash"] = ledger.head_hash
         manifest["run_id"] = ledger.header.run_id
         manifest["status"] = "complete"
@@ -320,9 +337,13 @@ def _refuse_unsafe_files(rd: Path) -> None:
             )
 
 
-def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any = None) -> LoadedRun:
     """Read a run directory (safetensors and JSON only; nothing in it is executed). A directory holding
-    ``*.pkl``/``*.pickle``/``*.bin``/``*.pt``/``*.pth`` files is refused with a ``ValueError``."""
+    ``*.pkl``/``*.pickle``/``*.bin``/``*.pt``/``*.pth`` files is refused with a ``ValueError``.
+
+    The ledger must verify against the manifest (sealed, same head hash and seal) and, with
+    ``public_key`` (Ed25519 key or PEM path), carry a seal signed by its private key: otherwise
+    ``LedgerCorruptError`` naming the first bad line or the disagreement."""
     from safetensors.torch import load_file
 
     from privaudit.mechanisms.training import build_model
@@ -336,7 +357,9 @@ def load_run(run_dir: str | Path, *, device: str | None = None) -> LoadedRun:
     if manifest.get("status") != "complete":
         raise ValueError(f"run_dir: the run in {rd} is not complete (status {manifest.get('status')!r})")
     cfg = parse_config(manifest["config"])
-    ledger = Ledger.read(rd / LEDGER)
+    ledger = Ledger.read(rd / LEDGER, public_key=public_key, manifest=manifest)
+    if ledger.status != "intact":  # pragma: no cover - a complete manifest already demands the seal
+        raise LedgerCorruptError(f"ledger {rd / LEDGER}: {ledger.status}")
     adapter_path = rd / ADAPTER
     if not adapter_path.exists():
         raise ValueError(f"run_dir: {rd} has no {ADAPTER}")

@@ -106,6 +106,7 @@ def _ledger(tmp_path: Path) -> Path:
                        claims=[ClaimEvent(epsilon=1.0, delta=1e-5, source="test claim")]) as led:
         led.append(GaussianEvent(noise_multiplier=1.1, sample_rate=0.01, clip_norm=1.0, count=500))
         led.append(GaussianEvent(noise_multiplier=1.3, sample_rate=0.01, clip_norm=1.0, count=500))
+        led.seal()
     return path
 
 
@@ -143,6 +144,7 @@ def test_epsilon_with_plaintext_ledger_says_no_guarantee(tmp_path: Path) -> None
     path = tmp_path / "l.jsonl"
     with Ledger.create(path, target_delta=1e-5) as led:
         led.append(PlaintextEvent(what="non-private model update", count=10))
+        led.seal()
     proc = run("epsilon", "--ledger", str(path), "--json")
     assert proc.returncode == 0, proc.stderr
     for r in json.loads(proc.stdout)["results"]:

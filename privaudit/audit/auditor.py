@@ -819,7 +819,7 @@ def _population(data: "DataBundle", need_z: bool, max_records: int, seed: int
     return [members[i] for i in m_idx], [nonmembers[i] for i in nm_idx], population, z
 
 
-def _load(run_dir: str | Path) -> "LoadedRun":
+def _load(run_dir: str | Path, public_key: Any = None) -> "LoadedRun":
     """:func:`privaudit.runs.load_run` (which refuses pickle-based files), with an unreadable
     safetensors file reported as a ``ValueError`` naming the run directory."""
     from safetensors import SafetensorError
@@ -827,7 +827,7 @@ def _load(run_dir: str | Path) -> "LoadedRun":
     from privaudit.runs import load_run
 
     try:
-        return load_run(run_dir)
+        return load_run(run_dir, public_key=public_key)
     except SafetensorError as exc:
         raise ValueError(f"run_dir: {run_dir} holds a weights file that is not valid safetensors ({exc})") from None
 
@@ -844,6 +844,7 @@ def audit_run(
     exposure_candidates: int = 1000,
     n_bootstrap: int = 200,
     _write: bool = True,
+    public_key: Any = None,
 ) -> AuditResult:
     """Audit the run in ``run_dir`` and write ``run_dir/audit.json`` (see the module docstring).
 
@@ -854,6 +855,8 @@ def audit_run(
     stderr, a callable ``(message, done, total)``, or None. ``max_records``: members (and as many
     non-members) scored by the record-level attacks. ``exposure_candidates``: candidate secrets per
     canary for exposure. A run directory holding pickle-based files is refused (``ValueError``).
+    The ledger must verify against the manifest (and ``public_key``, an Ed25519 key or PEM path, when
+    given): otherwise ``LedgerCorruptError`` naming the first bad line.
     """
     from privaudit.runs import _write_json_atomic
 
@@ -863,7 +866,7 @@ def audit_run(
     prog = _Progress(progress)
     try:
         prog.log("loading the run")
-        run = _load(run_dir)
+        run = _load(run_dir, public_key)
         header = run.ledger.header
         observer = header.observer
         delta = header.target_delta if header.target_delta is not None else run.manifest.get("plan", {}).get("delta")
@@ -871,6 +874,10 @@ def audit_run(
             raise ValueError("ledger: the header names no target_delta and the manifest no plan delta")
         delta = float(delta)
         accounted, compared, compared_by = _accounted(run.ledger, delta)
+        if run.ledger.reading is not None:
+            accounted["ledger"] = run.ledger.reading.integrity
+            if run.ledger.reading.no_releases:
+                accounted["note"] = "no releases recorded"
         has_guarantee = math.isfinite(compared)
         claims = run.ledger.claims
         data = _regenerate_data(run)

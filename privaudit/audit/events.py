@@ -22,13 +22,21 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 Neighbouring = Literal["add_remove", "replace"]
 NEIGHBOURING_RELATIONS: tuple[str, ...] = ("add_remove", "replace")
 
+# Sanity bounds (hostile ledgers): values outside them are rejected at parse time naming the field,
+# instead of overflowing an accountant later. They are far outside any real training run.
+MAX_COUNT = 10**12  # releases one line stands for
+MIN_NOISE, MAX_NOISE = 1e-3, 1e6  # noise multipliers (std / clip); effective noise likewise
+MIN_RATE = 1e-12  # smallest sampling rate
+MIN_SCALE, MAX_SCALE = 1e-9, 1e12  # clip norms, sensitivities, Laplace scales, eta
+MAX_SIZE = 10**12  # batch/dataset sizes, steps, bytes, dimensions
+
 
 class _Event(BaseModel):
     """Base of all events: frozen, strict about unknown fields, finite numbers only."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    count: int = Field(1, ge=1, description="number of identical releases this event stands for")
+    count: int = Field(1, ge=1, le=MAX_COUNT, description="number of identical releases this event stands for")
 
     def identity(self) -> dict[str, Any]:
         """The event without its count: two events with equal identities can be merged."""
@@ -48,13 +56,13 @@ class GaussianEvent(_Event):
     """
 
     type: Literal["gaussian"] = "gaussian"
-    noise_multiplier: float = Field(..., gt=0)
+    noise_multiplier: float = Field(..., ge=MIN_NOISE, le=MAX_NOISE)
     sampling: Literal["poisson", "fixed_batch", "full"] | None = None
-    sample_rate: float = Field(1.0, gt=0, le=1)
-    batch_size: int | None = Field(None, ge=1)
-    dataset_size: int | None = Field(None, ge=1)
-    clip_norm: float | None = Field(None, gt=0)
-    sensitivity: float | None = Field(None, gt=0)
+    sample_rate: float = Field(1.0, ge=MIN_RATE, le=1)
+    batch_size: int | None = Field(None, ge=1, le=MAX_SIZE)
+    dataset_size: int | None = Field(None, ge=1, le=MAX_SIZE)
+    clip_norm: float | None = Field(None, ge=MIN_SCALE, le=MAX_SCALE)
+    sensitivity: float | None = Field(None, ge=MIN_SCALE, le=MAX_SCALE)
 
     @model_validator(mode="after")
     def _check_sampling(self) -> "GaussianEvent":
@@ -67,6 +75,11 @@ class GaussianEvent(_Event):
                 raise ValueError("sampling: 'fixed_batch' requires batch_size and dataset_size")
             if self.batch_size > self.dataset_size:
                 raise ValueError("batch_size: larger than dataset_size")
+        for rel in NEIGHBOURING_RELATIONS:
+            eff = self.effective_noise_multiplier(rel)  # type: ignore[arg-type]
+            if not MIN_NOISE <= eff <= MAX_NOISE:
+                raise ValueError(f"sensitivity: effective noise multiplier {eff:.3g} ({rel}) outside "
+                                 f"[{MIN_NOISE:g}, {MAX_NOISE:g}]")
         return self
 
     def effective_noise_multiplier(self, neighbouring: Neighbouring = "add_remove") -> float:
@@ -104,10 +117,10 @@ class LaplaceEvent(_Event):
     """A (possibly Poisson-subsampled) Laplace release. ``scale`` is b; ``sensitivity`` is L1."""
 
     type: Literal["laplace"] = "laplace"
-    scale: float = Field(..., gt=0)
-    sensitivity: float = Field(1.0, gt=0)
+    scale: float = Field(..., ge=MIN_SCALE, le=MAX_SCALE)
+    sensitivity: float = Field(1.0, ge=MIN_SCALE, le=MAX_SCALE)
     sampling: Literal["poisson", "full"] | None = None
-    sample_rate: float = Field(1.0, gt=0, le=1)
+    sample_rate: float = Field(1.0, ge=MIN_RATE, le=1)
 
     @model_validator(mode="after")
     def _check_sampling(self) -> "LaplaceEvent":
@@ -127,8 +140,8 @@ class DchiEvent(_Event):
     """
 
     type: Literal["dchi"] = "dchi"
-    eta: float = Field(..., gt=0)
-    dimension: int = Field(..., ge=1)
+    eta: float = Field(..., gt=0, le=MAX_SCALE)
+    dimension: int = Field(..., ge=1, le=MAX_SIZE)
     metric: Literal["euclidean"] = "euclidean"
     shifted_mean: bool = False
 
@@ -141,12 +154,12 @@ class SketchEvent(_Event):
     """
 
     type: Literal["sketch"] = "sketch"
-    rank: int = Field(..., ge=1)
-    batch_size: int = Field(..., ge=1)
-    steps: int = Field(..., ge=0)
+    rank: int = Field(..., ge=1, le=MAX_SIZE)
+    batch_size: int = Field(..., ge=1, le=MAX_SIZE)
+    steps: int = Field(..., ge=0, le=MAX_SIZE)
     a_distribution: str
     a_secret: bool
-    noise_multiplier: float | None = Field(None, ge=0)
+    noise_multiplier: float | None = Field(None, ge=0, le=MAX_NOISE)
     optimizer: str = "sgd"
 
 
@@ -156,9 +169,9 @@ class EncryptedEvent(_Event):
     type: Literal["encrypted"] = "encrypted"
     scheme: str
     parameters: dict[str, Any] = Field(default_factory=dict)
-    security_bits: int = Field(..., ge=1)
-    bytes_to_server: int = Field(0, ge=0)
-    bytes_from_server: int = Field(0, ge=0)
+    security_bits: int = Field(..., ge=1, le=100_000)
+    bytes_to_server: int = Field(0, ge=0, le=MAX_SIZE * 10**6)
+    bytes_from_server: int = Field(0, ge=0, le=MAX_SIZE * 10**6)
 
 
 class PlaintextEvent(_Event):
@@ -173,7 +186,7 @@ class ClaimEvent(_Event):
     """A guarantee that a paper or a user asserts for this configuration, to be checked."""
 
     type: Literal["claim"] = "claim"
-    epsilon: float = Field(..., ge=0)
+    epsilon: float = Field(..., ge=0, le=1e6)
     delta: float = Field(0.0, ge=0, lt=1)
     scope: str = "per run"
     source: str = ""

@@ -33,6 +33,7 @@ from privaudit.audit.events import Event, GaussianEvent, PlaintextEvent
 from privaudit.config import PrivacyPlan, RunConfig
 from privaudit.data import Record
 from privaudit.mechanisms.per_sample import PerSampleGradients
+from privaudit.mechanisms import rng
 from privaudit.mechanisms.sampling import Sampler, fresh_seed, make_sampler
 from privaudit.mechanisms.training import (
     Checkpointer,
@@ -137,11 +138,11 @@ def apply_noisy_update(params: Sequence[tuple[str, nn.Parameter]], total: dict[s
         ref = grads[0]
         if all(g.dtype == ref.dtype and g.device == ref.device for g in grads):
             sizes = [g.numel() for g in grads]
-            noise = torch.randn(sum(sizes), generator=generator, device=ref.device, dtype=ref.dtype).mul_(std)
+            noise = rng.randn(sum(sizes), generator=generator, device=ref.device, dtype=ref.dtype).mul_(std)
             torch._foreach_add_(grads, [z.view_as(g) for z, g in zip(noise.split(sizes), grads)])
         else:
             for g in grads:
-                g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype).mul_(std))
+                g.add_(rng.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype).mul_(std))
     torch._foreach_div_(grads, float(denominator))
     for (_, p), g in zip(params, grads):
         p.grad = g
@@ -176,10 +177,10 @@ class DPLoraTrainer:
         secret = secret_seed if secret_seed is not None else (
             cfg.privacy.noise_seed if cfg.privacy.noise_seed is not None else fresh_seed())
         s_seed, n_seed, _ = _derive_seeds(secret)
-        self._sampler_seed = s_seed
+        secure = secret_seed is None and cfg.privacy.noise_seed is None  # CSPRNG unless seeded (rng.py)
+        self._sampler_seed = None if secure else s_seed  # None: the sampler draws from a CSPRNG
         self.clipped = True  # records' gradients are clipped to C (and so are the canaries')
-        self.noise_gen = torch.Generator(device=device)
-        self.noise_gen.manual_seed(n_seed)
+        self.noise_gen = rng.noise_generator(None if secure else n_seed, device)
         self.canaries: GradientCanaries | None = None
         m = cfg.audit.gradient_canaries
         if m > 0:

@@ -8,9 +8,9 @@
   appears at most ⌈k·B/N⌉ times). The ledger records it as ``sampling="fixed_batch"`` and no
   amplification by subsampling is claimed (each pass over the data costs one full-batch release).
 
-Randomness comes from a ``numpy.random.Generator`` (PCG64). Seed it from OS entropy for a private run:
-anyone who knows the sampling seed knows which records were in which batch, which voids the
-amplification argument. ``state_dict()`` / ``load_state_dict()`` round-trip through JSON.
+Randomness comes from :func:`privaudit.mechanisms.rng.sampling_rng`: a CSPRNG without a seed (a
+private run: anyone who can predict the sampling knows which records were in which batch, which voids
+the amplification argument), numpy's PCG64 with one (reproducible, not secure). ``state_dict()`` / ``load_state_dict()`` round-trip through JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import secrets
 from typing import Any
 
 import numpy as np
+
+from privaudit.mechanisms.rng import sampling_rng
 
 
 def fresh_seed() -> int:
@@ -33,7 +35,7 @@ class _Sampler:
         if not isinstance(num_items, int) or num_items < 1:
             raise ValueError(f"dataset_size: must be a positive integer, got {num_items!r}")
         self.num_items = num_items
-        self.rng = np.random.Generator(np.random.PCG64(fresh_seed() if seed is None else seed))
+        self.rng = sampling_rng(seed)  # None: a CSPRNG (privaudit.mechanisms.rng); a seed: PCG64
         self.steps = 0
 
     def next_batch(self) -> np.ndarray:

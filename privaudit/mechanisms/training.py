@@ -204,12 +204,20 @@ def set_torch_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
 
 
-def generator_state(gen: torch.Generator) -> str:
-    return _b64(gen.get_state())
+def generator_state(gen: Any) -> str:
+    """A noise generator's state: base64 (torch.Generator) or JSON (``rng.SecureGenerator``)."""
+    from privaudit.mechanisms.rng import SecureGenerator
+
+    return json.dumps(gen.state) if isinstance(gen, SecureGenerator) else _b64(gen.get_state())
 
 
-def set_generator_state(gen: torch.Generator, state: str) -> None:
-    gen.set_state(_unb64(state))
+def set_generator_state(gen: Any, state: str) -> None:
+    from privaudit.mechanisms.rng import SecureGenerator
+
+    if isinstance(gen, SecureGenerator):
+        gen.state = json.loads(state)
+    else:
+        gen.set_state(_unb64(state))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from privaudit.reports import figures as F
 from privaudit.reports.pdf import write_pdf
@@ -71,18 +71,19 @@ def _slug(text: str) -> str:
 
 
 def build_report(run_dirs: Sequence[str | Path], out_pdf: str | Path, *,
-                 progress: Callable[[str], None] | None = None, steps_points: int = 20
-                 ) -> ReportOutputs:
+                 progress: Callable[[str], None] | None = None, steps_points: int = 20,
+                 public_key: Any = None) -> ReportOutputs:
     """Load ``run_dirs``, write the PDF at ``out_pdf`` and the figures and tables beside it.
 
     ``ValueError`` naming the directory if one does not exist or lacks manifest.json, or if
     ``out_pdf`` does not end in ``.pdf``. ``progress`` (optional) receives one line per stage.
+    ``public_key`` (Ed25519 key or PEM path): ledgers must carry a seal signed by its private key.
     """
     out = Path(out_pdf)
     if out.suffix.lower() != ".pdf":
         raise ValueError(f"out_pdf: {out} must end in .pdf")
     say = progress or (lambda _msg: None)
-    records = load_runs(run_dirs, progress=progress, steps_points=steps_points)
+    records = load_runs(run_dirs, progress=progress, steps_points=steps_points, public_key=public_key)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.stem
     fig_dir = out.parent / f"{stem}_figures"

@@ -365,11 +365,15 @@ def _recheck(has_guarantee: bool | None, min_upper: float | None, acc_delta: flo
 
 # --------------------------------------------------------------------------------------- loading
 def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNTANTS,
-                    steps_points: int = 20, steps_accountants: Sequence[str] = ("rdp", "pld", "prv")
-                    ) -> RunRecord:
-    """Read one run directory. ``ValueError`` if it does not exist or has no manifest.json."""
+                    steps_points: int = 20, steps_accountants: Sequence[str] = ("rdp", "pld", "prv"),
+                    public_key: Any = None) -> RunRecord:
+    """Read one run directory. ``ValueError`` if it does not exist or has no manifest.json.
+
+    The ledger is read by :func:`privaudit.audit.ledger.read_ledger` against the manifest (head hash
+    and seal) and ``public_key`` when given; its events are used only if it verifies (``intact``):
+    ``ledger_status`` says ``incomplete``/``tampered``/``unreadable`` otherwise, with the reason."""
     from privaudit.audit.events import EncryptedEvent
-    from privaudit.audit.ledger import Ledger, LedgerCorruptError, verify_ledger
+    from privaudit.audit.ledger import read_ledger
 
     p = Path(run_dir)
     if not p.is_dir():
@@ -401,24 +405,19 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
     events: list[Any] = []
     ledger_head: str | None = None
     if lpath.is_file():
-        vr = verify_ledger(lpath)
+        vr = read_ledger(lpath, public_key=public_key, manifest=dict(manifest))
         ledger_status, ledger_message, ledger_head = vr.status, vr.message, vr.head_hash
-        if vr.status != "unreadable":
-            try:
-                led = Ledger.read(lpath)
-                header, events = led.header, led.events
-            except (LedgerCorruptError, ValueError) as exc:
-                warnings.append(f"ledger events not used: {exc}")
-        if not vr.ok:
-            warnings.append(f"ledger verification failed: {vr.message}")
+        if vr.verified:
+            header, events = vr.header, list(vr.events)
+            if vr.no_releases:
+                ledger_message = f"{ledger_message}; no releases recorded"
+        else:
+            warnings.append(f"ledger verification failed ({vr.status}): {vr.message}; its events are not used")
     else:
         ledger_status, ledger_message = "missing", "no ledger.jsonl in the run directory"
         warnings.append("no ledger.jsonl: ε cannot be recomputed or verified")
 
-    manifest_head = _str(manifest.get("ledger_head"))
-    if manifest_head and ledger_head and manifest_head != ledger_head:
-        warnings.append("manifest ledger_head differs from the ledger's head hash "
-                        "(the ledger changed after the manifest was written)")
+    manifest_head = _str(manifest.get("ledger_head_hash"))  # compared by read_ledger above
 
     # -- identity and privacy setting --------------------------------------------------------
     privacy = manifest.get("privacy") if isinstance(manifest.get("privacy"), Mapping) else {}
@@ -441,8 +440,9 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
     release_types = {getattr(ev, "type", "") for ev in events} & set(_RELEASE_TYPES)
     no_guarantee: str | None = None
     if header is not None and not release_types and ledger_status == "intact":
-        no_guarantee = "the ledger records no release, but the run released a model (fail-closed)"
-    elif header is not None:
+        warnings.append("no releases recorded: the sealed ledger accounts for no release (ε = 0 by every "
+                        "reader)")
+    if header is not None:
         from privaudit.audit.accountants.base import segments_from_events
 
         try:  # structural: plaintext releases, noise-free sketching (needs no accountant)

@@ -257,7 +257,8 @@ def test_writer_killed_mid_append_leaves_verifiable_ledger(tmp_path: Path) -> No
     assert acknowledged >= 60
     res = verify_ledger(path)
     # Either intact, or only a torn last line; the chain holds up to its last complete event.
-    assert res.status == "intact" or (res.status == "tampered" and res.bad_line == res.valid_lines + 1)
+    # (A killed writer never sealed: "incomplete", never "intact".)
+    assert res.status == "incomplete" or (res.status == "tampered" and res.bad_line == res.valid_lines + 1)
     led = Ledger.open(path)  # repairs a torn tail
     total = sum(e.count for e in led.events)
     led.close()

@@ -107,6 +107,7 @@ def make_run(root: Path, name: str, *, mechanism: str, events: Sequence[Any],
                        neighbouring="add_remove", target_delta=DELTA, observer=observer,
                        claims=list(claims)) as led:
         led.extend(events)
+        seal = led.seal()  # a finished run seals its ledger; the manifest keeps the seal and head
         head, run_id = led.head_hash, led.header.run_id
     steps = sum(e.count for e in events if isinstance(e, GaussianEvent)) or None
     manifest: dict[str, Any] = {
@@ -116,7 +117,7 @@ def make_run(root: Path, name: str, *, mechanism: str, events: Sequence[Any],
         "config": {"lr": 1e-3},
         "metrics": {"utility": {"name": utility[0], "value": utility[1], "split": "heldout"},
                     "train_loss": 0.42, "steps": steps or 100},
-        "versions": VERSIONS, "ledger_head": head, "created": "2025-01-01T00:00:00+00:00",
+        "versions": VERSIONS, "ledger_head_hash": head, "ledger_seal": seal, "created": "2025-01-01T00:00:00+00:00",
         "status": "complete",
     }
     if privacy:

@@ -177,13 +177,26 @@ def test_tampered_ledger_is_not_used(runs: dict[str, Path], monkeypatch: pytest.
     assert any("verification failed" in w for w in r.warnings)
 
 
-def test_empty_ledger_is_no_guarantee(tmp_path: Path) -> None:
+def test_empty_ledger_is_no_releases_recorded(tmp_path: Path) -> None:
+    """A sealed ledger without releases reads as "no releases recorded" (ε 0), as in every reader; an
+    unsealed one (a failed run) is incomplete and its events are not used."""
     d = tmp_path / "empty-ledger"
     d.mkdir()
-    Ledger.create(d / "ledger.jsonl", mechanism="dp_lora", target_delta=DELTA).close()
-    (d / "manifest.json").write_text(json.dumps({"run_id": "x", "mechanism": "dp_lora"}))
+    with Ledger.create(d / "ledger.jsonl", mechanism="dp_lora", target_delta=DELTA) as led:
+        seal = led.seal()
+        head = led.head_hash
+    (d / "manifest.json").write_text(json.dumps({"run_id": "x", "mechanism": "dp_lora", "status": "complete",
+                                                 "ledger_head_hash": head, "ledger_seal": seal}))
     r = load_run_record(d)
-    assert r.has_guarantee is False and r.primary_epsilon[0] == math.inf
+    assert r.ledger_status == "intact" and "no releases recorded" in r.ledger_message
+    assert r.primary_epsilon[0] == 0.0
+    d2 = tmp_path / "unsealed"
+    d2.mkdir()
+    Ledger.create(d2 / "ledger.jsonl", mechanism="dp_lora", target_delta=DELTA).close()
+    (d2 / "manifest.json").write_text(json.dumps({"run_id": "x", "mechanism": "dp_lora"}))
+    r2 = load_run_record(d2)
+    assert r2.ledger_status == "incomplete" and not r2.ledger_intact
+    assert all(a.recomputed is None for a in r2.accounted)
 
 
 def test_tables(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -147,14 +147,22 @@ def segments_from_events(
 
 
 class Accountant(ABC):
-    """Turns segments into ε(δ) and δ(ε). Subclasses declare what they support."""
+    """Turns segments into ε(δ) and δ(ε). Subclasses declare what they support.
+
+    ``max_segments``: the most distinct segments (after merging equal ones) an accountant composes;
+    above it the ledger is refused with a ``ValueError`` naming the limit (bounded time and memory:
+    RDP and PLD compose 1,000 distinct segments in about 20 s; PRV about 0.7 s per segment)."""
 
     name: str = "base"
+    max_segments: int = 1000
 
     def supports(self, segment: Segment) -> bool:
         return segment.kind == "gaussian"
 
     def check(self, segments: Sequence[Segment]) -> None:
+        if len(segments) > self.max_segments:
+            raise ValueError(f"ledger: {len(segments)} distinct (noise, sample rate) segments; the {self.name} "
+                             f"accountant composes at most {self.max_segments} (refused)")
         for s in segments:
             if not self.supports(s):
                 raise ValueError(

@@ -1,0 +1,145 @@
+"""Where DP noise and secret sampling get their randomness: one factory for every mechanism.
+
+Default (no seed): :class:`SecureGenerator`, a cryptographically secure generator — an AES-256-CTR
+keystream (``cryptography``/OpenSSL, AES-NI) under a key from ``os.urandom``. Uniforms use 53 random
+bits each, Gaussians come from the Box–Muller transform in float64 (tails to ≈ 8.5σ, i.e. a
+truncated mass of ~1e-17 per coordinate, far below any δ) and are cast to the tensor's dtype.
+torch's and numpy's PRNGs (Mersenne Twister, Philox, PCG64) are fast but not cryptographic: whoever
+sees part of their output or learns their state can predict the rest, and with it the noise or the
+sampled batches. A seed makes a run reproducible (tests, CI): :func:`noise_generator` and
+:func:`sampling_rng` then return torch's / numpy's seeded generators, and the ledger header records
+``noise_secure: false``.
+
+Call sites draw through :func:`randn` (torch.randn's signature, any of the two generators). A
+generator's state (key and counter) is secret: it lives in checkpoints only, never in the released
+run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+__all__ = ["SecureGenerator", "noise_generator", "sampling_rng", "randn", "describe_noise_source",
+           "SECURE_SOURCE", "SEEDED_SOURCE"]
+
+SECURE_SOURCE = "csprng: AES-256-CTR keystream keyed from os.urandom"
+SEEDED_SOURCE = "seeded from privacy.noise_seed: reproducible, NOT SECURE"
+PRNG_SOURCE = "torch/numpy PRNG seeded from OS entropy: not a CSPRNG"
+SECURE_MECHANISMS = frozenset({"dp_lora"})
+"""Mechanisms whose DP noise and secret sampling draw from :class:`SecureGenerator` (the DP-SGD
+loop of :class:`~privaudit.mechanisms.dp_lora.DPLoraTrainer`)."""
+
+_BLOCK = 16
+_TWO_PI = 2.0 * math.pi
+
+
+class SecureGenerator:
+    """AES-256-CTR keystream → uniforms, permutations and Gaussians (see the module docstring).
+
+    Offers the parts of ``numpy.random.Generator`` the samplers use (``random``, ``permutation``,
+    ``choice`` without replacement, ``bit_generator.state``) and :meth:`randn` for noise tensors.
+    """
+
+    def __init__(self, key: bytes | None = None, counter: int = 0) -> None:
+        self._key = os.urandom(32) if key is None else bytes(key)
+        if len(self._key) != 32:
+            raise ValueError("key: an AES-256 key has 32 bytes")
+        self._counter = int(counter)
+
+    # -- raw stream -------------------------------------------------------------------------
+    def random_bytes(self, n: int) -> bytes:
+        """``n`` bytes of keystream (the counter advances by whole 16-byte blocks)."""
+        blocks = -(-int(n) // _BLOCK)
+        enc = Cipher(algorithms.AES(self._key), modes.CTR(self._counter.to_bytes(16, "big"))).encryptor()
+        out = enc.update(bytes(blocks * _BLOCK))
+        self._counter = (self._counter + blocks) % (1 << 128)
+        return out[:n]
+
+    def random(self, size: int | Sequence[int] | None = None) -> Any:
+        """Uniforms in the open interval (0, 1), 53 random bits each (float64 array, or a float)."""
+        n = 1 if size is None else int(np.prod(size))
+        words = np.frombuffer(self.random_bytes(8 * n), dtype=np.uint64) >> np.uint64(11)
+        u = (words.astype(np.float64) + 0.5) * 2.0 ** -53
+        return float(u[0]) if size is None else u.reshape(size)
+
+    def permutation(self, n: int) -> np.ndarray:
+        """A uniformly random permutation of ``range(n)`` (argsort of 53-bit uniforms)."""
+        return np.argsort(self.random(int(n)), kind="stable").astype(np.int64)
+
+    def choice(self, a: int, size: int, replace: bool = False) -> np.ndarray:
+        if replace:
+            raise ValueError("choice: only sampling without replacement is supported")
+        if size > a:
+            raise ValueError("choice: size larger than the population")
+        return self.permutation(a)[:size]
+
+    def standard_normal(self, n: int) -> np.ndarray:
+        """``n`` standard Gaussians (float64), Box–Muller on 53-bit uniforms."""
+        m = -(-int(n) // 2)
+        u = self.random(2 * m)
+        r = np.sqrt(-2.0 * np.log(u[:m]))
+        theta = _TWO_PI * u[m:]
+        return np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:n]
+
+    def randn(self, *size: Any, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+        n = int(np.prod(shape)) if shape else 1
+        z = torch.from_numpy(self.standard_normal(n)).reshape(shape)
+        return z.to(device=device or "cpu", dtype=dtype or torch.get_default_dtype())
+
+    # -- state (secret: checkpoints only) ------------------------------------------------------
+    @property
+    def state(self) -> dict[str, Any]:
+        return {"bit_generator": "aes-256-ctr", "key": self._key.hex(), "counter": self._counter}
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        if not isinstance(value, dict) or value.get("bit_generator") != "aes-256-ctr":
+            raise ValueError("rng: saved state is not an aes-256-ctr generator's")
+        key = bytes.fromhex(str(value["key"]))
+        if len(key) != 32:
+            raise ValueError("rng: saved key has the wrong length")
+        self._key, self._counter = key, int(value["counter"])
+
+    @property
+    def bit_generator(self) -> "SecureGenerator":  # numpy.random.Generator compatibility
+        return self
+
+
+def noise_generator(seed: int | None, device: Any = "cpu") -> "SecureGenerator | torch.Generator":
+    """The DP-noise generator: secure without a seed, torch's seeded generator with one."""
+    if seed is None:
+        return SecureGenerator()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return gen
+
+
+def sampling_rng(seed: int | None) -> "SecureGenerator | np.random.Generator":
+    """The secret sampling generator: secure without a seed, numpy's PCG64 with one."""
+    if seed is None:
+        return SecureGenerator()
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def randn(*size: Any, generator: Any = None, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.randn`` for either generator."""
+    if isinstance(generator, SecureGenerator):
+        return generator.randn(*size, device=device, dtype=dtype)
+    return torch.randn(*size, generator=generator, device=device, dtype=dtype)
+
+
+def describe_noise_source(noise_seed: int | None, mechanism: str | None = None) -> dict[str, Any]:
+    """Ledger-header fields naming the noise source of a run (``noise_secure`` false unless the
+    mechanism draws from :class:`SecureGenerator` and no seed is set)."""
+    if noise_seed is not None:
+        return {"noise_source": SEEDED_SOURCE, "noise_secure": False}
+    if mechanism is not None and mechanism not in SECURE_MECHANISMS:
+        return {"noise_source": PRNG_SOURCE, "noise_secure": False}
+    return {"noise_source": SECURE_SOURCE, "noise_secure": True}
