@@ -119,6 +119,8 @@ class AttackResult:
     epsilon_lower: float | None = None
     epsilon_lower_confidence: float | None = None
     epsilon_lower_method: str | None = None
+    power: float | None = None  # the largest ε_lower this attack's design could certify
+    family_confidence: float | None = None  # the confidence of the audit's maximum (Bonferroni)
 
     @property
     def auc(self) -> float | None:
@@ -544,6 +546,7 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
             metrics=dict(a.get("metrics")) if isinstance(a.get("metrics"), Mapping) else {},
             fpr=fpr_t, tpr=tpr_t, epsilon_lower=_num(el.get("value")),
             epsilon_lower_confidence=_num(el.get("confidence")), epsilon_lower_method=_str(el.get("method")),
+            power=_num(el.get("power")), family_confidence=_num(el.get("family_confidence")),
         ))
     el_top = audit.get("epsilon_lower") if isinstance(audit.get("epsilon_lower"), Mapping) else {}
     eps_lower = _num(el_top.get("value"))
@@ -789,7 +792,10 @@ def run_row(r: RunRecord) -> dict[str, Any]:
                                      for c in r.claims) or None,
         "epsilon_lower": r.epsilon_lower, "epsilon_lower_confidence": r.epsilon_lower_confidence,
         "epsilon_lower_method": r.epsilon_lower_method, "epsilon_lower_attack": r.epsilon_lower_attack,
+        "epsilon_lower_power": r.epsilon_lower_power,
         "verdict": r.verdict, "recheck": r.recheck, "ledger_status": r.ledger_status,
+        "ledger_integrity": r.integrity.state if r.integrity else None,
+        "guarantee_refused": r.guarantee_refused,
         "ledger_head": r.ledger_head, "warnings": " | ".join(r.warnings) or None,
     })
     md = r.mechanism_privacy.get("metric_dp") or {}
@@ -821,7 +827,7 @@ def attack_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
                 row[k] = v if isinstance(v, (int, float, str)) or v is None else json.dumps(v)
             row.update({"epsilon_lower": a.epsilon_lower,
                         "epsilon_lower_confidence": a.epsilon_lower_confidence,
-                        "epsilon_lower_method": a.epsilon_lower_method})
+                        "epsilon_lower_method": a.epsilon_lower_method, "epsilon_lower_power": a.power})
             rows.append(row)
     return rows
 
