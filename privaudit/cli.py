@@ -396,7 +396,10 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
 @click.option("--quiet", is_flag=True, help="No progress messages.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object listing what was written.")
 def report(run_dirs: tuple[Path, ...], out_pdf: Path, quiet: bool, as_json: bool) -> None:
-    """Render runs (trained, optionally audited) as a PDF report with figures and tables."""
+    """Render runs (trained, optionally audited) as a PDF report with figures and tables.
+
+    Exit 1 (the PDF is still written, with a red banner) when a run's ledger fails the integrity
+    check: no guarantee is stated for it."""
     from privaudit.reports import build_report
 
     if not run_dirs:
@@ -408,6 +411,10 @@ def report(run_dirs: tuple[Path, ...], out_pdf: Path, quiet: bool, as_json: bool
                    "runs_csv": str(out.runs_csv), "runs_json": str(out.runs_json)})
     else:
         click.echo(f"report: {out.pdf} ({len(out.figures)} figures, tables beside it)")
+    refused = [r for r in out.records if r.guarantee_refused and r.has_guarantee is not False]
+    if refused:
+        raise CheckFailed("; ".join(f"{r.label}: {r.guarantee_refused}" for r in refused)
+                          + f" (no guarantee stated for {'it' if len(refused) == 1 else 'them'} in {out.pdf})")
 
 
 def _float_list(name: str, text: str | None) -> list[float]:

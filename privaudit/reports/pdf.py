@@ -169,14 +169,14 @@ def _kv_grid(pairs: Sequence[tuple[str, Any]], width: float, st: dict[str, Parag
     for k, v in pairs:
         if k in wide_keys:
             spans.append(len(rows))
-            rows.append(cell(k, v) + ["", ""])
+            rows.append(cell(k, v) + [_p("", st["cell"]), _p("", st["cell"])])
         elif pending:
             rows.append(pending + cell(k, v))
             pending = []
         else:
             pending = cell(k, v)
     if pending:
-        rows.append(pending + ["", ""])
+        rows.append(pending + [_p("", st["cell"]), _p("", st["cell"])])
     t = Table(rows, colWidths=[w * width for w in (0.15, 0.35, 0.15, 0.35)], hAlign="LEFT")
     style = [("GRID", (0, 0), (-1, -1), 0.4, colors.Color(0.6, 0.6, 0.6)),
              ("FONT", (0, 0), (-1, -1), FONT, 7.5),
@@ -351,7 +351,7 @@ def _banner(lines: Sequence[str], width: float, st: dict[str, ParagraphStyle]) -
     style = ParagraphStyle("banner", parent=st["body"], fontName=FONT_BOLD, textColor=colors.white,
                            fontSize=9.5, leading=12.5)
     t = Table([[Paragraph(escape(x), style)] for x in lines], colWidths=[width], hAlign="LEFT")
-    t.setStyle(TableStyle([("BACKGROUND", (0, 0), (-1, -1), _RED), ("LEFTPADDING", (0, 0), (-1, -1), 6),
+    t.setStyle(TableStyle([("FONT", (0, 0), (-1, -1), FONT, 7.5), ("BACKGROUND", (0, 0), (-1, -1), _RED), ("LEFTPADDING", (0, 0), (-1, -1), 6),
                            ("RIGHTPADDING", (0, 0), (-1, -1), 6), ("TOPPADDING", (0, 0), (-1, -1), 3),
                            ("BOTTOMPADDING", (0, 0), (-1, -1), 3)]))
     return t
@@ -373,7 +373,8 @@ def _exec_block(r: RunRecord, records: Sequence[RunRecord], width: float, st: di
             style = ParagraphStyle("verdict", parent=st["cellb"], textColor=_verdict_colour(v))
         rows.append([_p(q, st["cellb"]), _p(a, style)])
     t = Table(rows, colWidths=[0.21 * width, 0.79 * width], hAlign="LEFT")
-    t.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("TOPPADDING", (0, 0), (-1, -1), 1),
+    t.setStyle(TableStyle([("FONT", (0, 0), (-1, -1), FONT, 7.5), ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                           ("TOPPADDING", (0, 0), (-1, -1), 1),
                            ("BOTTOMPADDING", (0, 0), (-1, -1), 1), ("LEFTPADDING", (0, 0), (-1, -1), 2),
                            ("LINEBELOW", (0, -1), (-1, -1), 0.4, colors.Color(0.7, 0.7, 0.7))]))
     return KeepTogether([head, t])
@@ -569,7 +570,7 @@ def _versions_table(versions: Mapping[str, str], width: float, st: dict[str, Par
         row: list[Any] = []
         for j in range(3):
             k = i + j * third
-            row += list(vs[k]) if k < len(vs) else ["", ""]
+            row += list(vs[k]) if k < len(vs) else [_p("", st["cell"]), _p("", st["cell"])]
         rows.append(row)
     return [_table(rows, [width * f for f in (0.2, 0.13) * 3], st)]
 
