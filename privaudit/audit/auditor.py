@@ -341,14 +341,37 @@ def _example_stats(model: Any, tokenizer: Any, records: Sequence["Record"], cfg:
     return _ExampleStats(loss_arr, phi, np.exp(-loss_arr))
 
 
-def _sequence_nll(model: Any, tokenizer: Any, texts: Sequence[str], cfg: Any, device: "torch.device"
-                  ) -> NDArray[np.float64]:
-    """Total next-token NLL (nats) of each text under a causal LM: the log-perplexity of the text."""
+def _shared_prefix_tokens(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int) -> int:
+    """Leading token positions every text shares (0 where the model cannot skip their logits)."""
+    import inspect
+
+    if len(texts) < 2 or getattr(tokenizer, "padding_side", "right") != "right":
+        return 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return 0
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    c = min(len(x) for x in ids)
+    first = ids[0]
+    for x in ids[1:]:
+        c = next((i for i in range(c) if x[i] != first[i]), c)
+    return c
+
+
+def _sequence_nll(model: Any, tokenizer: Any, texts: Sequence[str], cfg: Any, device: "torch.device",
+                  *, drop_shared_prefix: bool = False) -> NDArray[np.float64]:
+    """Total next-token NLL (nats) of each text under a causal LM: the log-perplexity of the text.
+
+    ``drop_shared_prefix``: leave out the NLL of the leading tokens all ``texts`` share (the same
+    constant for every text, so ranks and exposures are unchanged) and skip computing their logits —
+    the vocabulary projection over every position dominated the exposure attack's cost."""
     import torch
+    import torch.nn.functional as F
 
     from privaudit.mechanisms.training import per_sample_losses
     from privaudit.models import encode_batch
 
+    c = _shared_prefix_tokens(model, tokenizer, texts, cfg.model.max_length) if drop_shared_prefix else 0
     out: list[np.ndarray] = []
     bs = max(cfg.training.eval_batch_size, 64)
     model.eval()
@@ -356,6 +379,16 @@ def _sequence_nll(model: Any, tokenizer: Any, texts: Sequence[str], cfg: Any, de
         for start in range(0, len(texts), bs):
             batch = encode_batch(tokenizer, list(texts[start:start + bs]), cfg.model.max_length,
                                  lm_labels=True, device=device)
+            if c >= 1:
+                # logits at positions c-1 .. L-1 predict the tokens after the shared prefix
+                n_len = batch["input_ids"].shape[1]
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = model(**inputs, logits_to_keep=n_len - c + 1).logits[:, :-1].float()
+                labels = batch["labels"][:, c:]
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                                      ignore_index=-100).view(labels.shape)
+                out.append(nll.sum(dim=1).cpu().double().numpy())
+                continue
             mean = per_sample_losses(model, batch, "causal_lm")
             count = (batch["labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
             out.append((mean * count).cpu().double().numpy())
@@ -508,7 +541,7 @@ def _canary_exposure_attack(ctx: AuditContext) -> list[AttackScores]:
         space = candidate_space(pattern, n=n_cand, seed=_derived_seed(ctx.seed, i, 0x455850), secret=c.secret)
         texts = [f"{c.prefix}{cand}{c.suffix}" for cand in space.candidates]
         exposures[i] = exposure_from_log_perplexities(_sequence_nll(run.model, run.tokenizer, texts, run.config,
-                                                                    device), space)
+                                                                    device, drop_shared_prefix=True), space)
     included = np.array([c.included for c in canaries], dtype=bool)
     bound, note = _one_run_ok(ctx)
     extra = {

@@ -347,3 +347,22 @@ def test_missing_run_and_bad_cli_input(tmp_path: Path, capsys: pytest.CaptureFix
                         (["audit", str(tmp_path), "--reference-models", "1", "--quiet"], "reference_models")):
         code, out, err = _cli(args, capsys)
         assert code == 2 and len(err.splitlines()) == 1 and field in err and "Traceback" not in err
+
+
+def test_exposure_nll_without_the_shared_prefix_keeps_every_rank() -> None:
+    """The exposure attack skips the logits of the tokens all candidates share: a constant per text."""
+    import torch
+
+    from privaudit.mechanisms.training import build_model
+
+    cfg = parse_config({"task": "causal_lm", "model": TINY_MODEL, "lora": {"rank": 2, "alpha": 4},
+                        "training": {"steps": 1, "batch_size": 4}, "privacy": {"noise_multiplier": 1.0}})
+    torch.manual_seed(0)
+    model, tok = build_model(cfg, 2, torch.device("cpu"))
+    texts = [f"Note from James: my PIN is {i:04d}." for i in range(0, 9999, 97)]
+    assert auditor._shared_prefix_tokens(model, tok, texts, cfg.model.max_length) >= 5
+    full = auditor._sequence_nll(model, tok, texts, cfg, torch.device("cpu"))
+    fast = auditor._sequence_nll(model, tok, texts, cfg, torch.device("cpu"), drop_shared_prefix=True)
+    shift = full - fast
+    assert shift.min() > 0 and shift.max() - shift.min() < 1e-3  # the same constant for every text
+    assert list(np.argsort(full, kind="stable")) == list(np.argsort(fast, kind="stable"))
