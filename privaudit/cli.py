@@ -52,7 +52,59 @@ def _format_eps(x: float | None) -> str:
     return f"{x:.4f}"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """A group whose command list shows each command's whole first sentence (wrapped, not cut)."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=300)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _plain() -> bool:
+    """True when stdout is not a terminal (a pipe or a file): print plain text, never cut columns."""
+    return not sys.stdout.isatty()
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]], right: tuple[str, ...] = ()) -> None:
+    """A table on stdout: rich on a terminal; aligned plain text (nothing truncated) when piped."""
+    if _plain():
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(x.rjust(w) if c in right else x.ljust(w)
+                             for x, w, c in zip(cells, widths, columns)).rstrip()
+
+        click.echo(title)
+        click.echo(line(columns))
+        for r in rows:
+            click.echo(line(r))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right" if c in right else "left", overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+
+def say(text: str, bold: bool = False) -> None:
+    """One line on stdout (rich markup only on a terminal)."""
+    if _plain():
+        click.echo(text)
+    else:
+        from rich.console import Console
+        from rich.markup import escape
+
+        Console().print(f"[bold]{escape(text)}[/bold]" if bold else escape(text))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="privaudit")
 def cli() -> None:
     """privaudit: private fine-tuning, privacy ledgers, accountants, audits and reports."""
@@ -69,9 +121,10 @@ ACCOUNTANT_CHOICES = ["rdp", "pld", "prv", "all"]
 @click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), help="A ledger.jsonl file.")
 @click.option("--noise-multiplier", type=float, help="Noise std / clip norm.")
 @click.option("--sample-rate", type=float, help="Poisson sampling rate q in (0, 1].")
-@click.option("--steps", type=str, help="Number of steps (a non-negative integer).")
+@click.option("--steps", type=str, metavar="INTEGER", help="Number of steps (a non-negative integer).")
 @click.option("--delta", type=float, help="Target delta in (0, 1) (default: the ledger's or config's).")
-@click.option("--accountant", type=click.Choice(ACCOUNTANT_CHOICES), default="all", show_default=True)
+@click.option("--accountant", type=click.Choice(ACCOUNTANT_CHOICES), default="all", show_default=True,
+              help="Accountant(s) to report: pld and prv are tight, rdp a looser upper bound; all: each.")
 @click.option("--neighbouring", type=click.Choice(["add_remove", "replace"]), default=None,
               help="Neighbouring relation (default: the ledger's, else add_remove).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -141,8 +194,11 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
             unavailable.append({"accountant": n, "reason": str(exc)})
     if not results:  # no accountant could answer: one clear line, never an empty table
         fail_input(f"{unavailable[0]['reason']} (no accountant could compute ε)")
+    setting = _gaussian_setting(events)
     if as_json:
         out: dict[str, Any] = {"delta": delta, "results": [r.to_json() for r in results]}
+        if setting:
+            out["gaussian"] = setting
         if integrity is not None:
             out["ledger"] = integrity
             out["no_releases_recorded"] = no_releases
@@ -152,29 +208,39 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
             out["claims"] = claims
         emit_json(out)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"ε at δ = {delta:g} ({relation or 'add_remove'} neighbours)")
-    for col in ("accountant", "ε", "lower", "upper"):
-        table.add_column(col, justify="right" if col != "accountant" else "left")
-    for r in results:
-        table.add_row(r.accountant, _format_eps(r.epsilon), _format_eps(r.epsilon_lower),
-                      _format_eps(r.epsilon_upper))
-    console = Console()
-    console.print(table)
+    if config_path is not None or ledger_path is not None:
+        say("Gaussian releases used: " + ("; ".join(f"σ = {g['noise_multiplier']:.6g}, q = {g['sample_rate']:.6g}, "
+                                                    f"steps = {g['steps']}" for g in setting) or "none"))
+    print_table(f"ε at δ = {delta:g} ({relation or 'add_remove'} neighbours)", ["accountant", "ε", "lower", "upper"],
+                [[r.accountant, _format_eps(r.epsilon), _format_eps(r.epsilon_lower), _format_eps(r.epsilon_upper)]
+                 for r in results], right=("ε", "lower", "upper"))
     if integrity is not None:
-        console.print(f"ledger: {integrity}" + ("; no releases recorded" if no_releases else ""),
-                      markup=False)
+        say(f"ledger: {integrity}" + ("; no releases recorded" if no_releases else ""))
     for u in unavailable:
-        console.print(f"{u['accountant']}: unavailable ({u['reason']})")
+        say(f"{u['accountant']}: unavailable ({u['reason']})")
     for r in results:
         if not r.has_guarantee:
-            console.print(f"[bold]no formal guarantee[/bold] ({r.accountant}): {r.reason}")
+            say(f"no formal guarantee ({r.accountant}): {r.reason}", bold=True)
             break
     for c in claims:
-        console.print(f"claimed: ε = {c['epsilon']:g}, δ = {c['delta']:g} ({c.get('scope', '')}; "
-                      f"source: {c.get('source', '')})")
+        say(f"claimed: ε = {c['epsilon']:g}, δ = {c['delta']:g} ({c.get('scope', '')}; "
+            f"source: {c.get('source', '')})")
+
+
+def _gaussian_setting(events: Any) -> list[dict[str, Any]]:
+    """The Gaussian releases as (σ, q, steps) runs, merging consecutive lines with the same σ and q."""
+    from privaudit.audit.events import GaussianEvent
+
+    out: list[dict[str, Any]] = []
+    for ev in events:
+        if not isinstance(ev, GaussianEvent):
+            continue
+        if out and out[-1]["noise_multiplier"] == ev.noise_multiplier and out[-1]["sample_rate"] == ev.sample_rate:
+            out[-1]["steps"] += int(ev.count)
+        else:
+            out.append({"noise_multiplier": float(ev.noise_multiplier), "sample_rate": float(ev.sample_rate),
+                        "steps": int(ev.count)})
+    return out
 
 
 def _parse_steps(steps: str) -> int:
@@ -191,10 +257,12 @@ def _parse_steps(steps: str) -> int:
 @click.option("--target-epsilon", type=float, required=True, help="Target ε (> 0).")
 @click.option("--delta", type=float, required=True, help="δ in (0, 1).")
 @click.option("--sample-rate", type=float, required=True, help="Poisson sampling rate q in (0, 1].")
-@click.option("--steps", type=str, required=True, help="Number of steps (a positive integer).")
-@click.option("--accountant", type=click.Choice(["rdp", "pld", "prv"]), default="pld", show_default=True)
+@click.option("--steps", type=str, required=True, metavar="INTEGER", help="Number of steps (a positive integer).")
+@click.option("--accountant", type=click.Choice(["rdp", "pld", "prv"]), default="pld", show_default=True,
+              help="Accountant whose ε must not exceed the target (pld, prv: tight; rdp: a looser bound, so "
+                   "more noise).")
 @click.option("--neighbouring", type=click.Choice(["add_remove", "replace"]), default="add_remove",
-              show_default=True)
+              show_default=True, help="Neighbouring relation the ε is for.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: str, accountant: str,
               neighbouring: str, as_json: bool) -> None:
@@ -211,16 +279,18 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: st
                           neighbouring=neighbouring)  # type: ignore[arg-type]
     if as_json:
         emit_json({"noise_multiplier": res.noise_multiplier, "epsilon": res.epsilon,
-                   "accountant": res.accountant})
+                   "accountant": res.accountant, "target_epsilon": target_epsilon, "delta": delta,
+                   "sample_rate": sample_rate, "steps": n_steps, "neighbouring": neighbouring})
     else:
         click.echo(f"noise multiplier σ = {res.noise_multiplier:.6g} gives ε = {res.epsilon:.4f} "
-                   f"≤ {target_epsilon:g} at δ = {delta:g} ({res.accountant})")
+                   f"≤ {target_epsilon:g} at δ = {delta:g} ({res.accountant}; q = {sample_rate:g}, "
+                   f"{n_steps} steps, {neighbouring})")
 
 
 # --------------------------------------------------------------------------------------------
 # ledger
 # --------------------------------------------------------------------------------------------
-@cli.group()
+@cli.group(cls=_Group)
 def ledger() -> None:
     """Inspect and verify privacy ledgers."""
 
@@ -283,26 +353,18 @@ def ledger_show(path: Path, as_json: bool, public_key: Path | None, allow_incomp
     if as_json:
         emit_json(summary)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]{path}[/bold]  run {summary['run_id']}  mechanism {summary['mechanism']}")
-    console.print(f"unit {summary['privacy_unit']}, {summary['neighbouring']} neighbours, observer "
-                  f"'{summary['observer']}', target δ {summary['target_delta']}")
-    table = Table()
-    table.add_column("event")
-    table.add_column("lines", justify="right")
-    table.add_column("releases (count)", justify="right")
-    for kind, d in summary["events"].items():
-        table.add_row(kind, str(d["lines"]), str(d["count"]))
-    console.print(table)
+    say(f"{path}  run {summary['run_id']}  mechanism {summary['mechanism']}", bold=True)
+    say(f"unit {summary['privacy_unit']}, {summary['neighbouring']} neighbours, observer "
+        f"'{summary['observer']}', target δ {summary['target_delta']}")
+    print_table("", ["event", "lines", "releases (count)"],
+                [[kind, str(d["lines"]), str(d["count"])] for kind, d in summary["events"].items()],
+                right=("lines", "releases (count)"))
     if summary["no_releases_recorded"]:
-        console.print("no releases recorded")
-    console.print(f"head hash {summary['head_hash']}")
-    console.print(f"ledger: {summary['integrity']}", markup=False)
+        say("no releases recorded")
+    say(f"head hash {summary['head_hash']}")
+    say(f"ledger: {summary['integrity']}")
     if summary.get("noise_secure") is False:
-        console.print(f"noise: {summary['noise_source']}", markup=False)
+        say(f"noise: {summary['noise_source']}")
 
 
 @cli.command()
@@ -385,7 +447,7 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 # audit
 # --------------------------------------------------------------------------------------------
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(path_type=Path))
 @click.option("--attacks", default=None, help="Comma-separated attacks (default: all that fit the run).")
 @click.option("--reference-models", type=int, default=0, show_default=True,
               help="Reference models to train for LiRA/RMIA (0: none, else >= 2).")
@@ -398,7 +460,11 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence: float, seed: int,
           as_json: bool, quiet: bool, public_key: Path | None) -> None:
     """Audit a run: attacks, empirical ε lower bound, verdict; writes RUN_DIR/audit.json (exit 1 on a
-    violation)."""
+    violation).
+
+    RUN_DIR: a run directory written by `privaudit train` (manifest.json, ledger.jsonl, the adapter as
+    safetensors and audit_key.json, the auditor's record of which records and canaries were members).
+    Verdicts: consistent, inconclusive (the audit could not test the accounted ε), violation, no guarantee."""
     from privaudit.audit.auditor import audit_run
     from privaudit.audit.ledger import LedgerCorruptError
 
@@ -411,36 +477,33 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
     if as_json:
         emit_json(result.to_json())
     else:
-        from rich.console import Console
-        from rich.table import Table
-
-        console = Console()
-        table = Table(title=f"audit of {run_dir} (observer: {result.observer})")
-        for col in ("attack", "kind", "AUC [CI]", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower"):
-            table.add_column(col, justify="left" if col in ("attack", "kind") else "right")
+        rows: list[list[str]] = []
         for a in result.attacks:
             m = a.metrics
             ci = m.get("auc_ci")
             auc = "-" if m.get("auc") is None else f"{m['auc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
             tpr = [("-" if m.get(k) is None else f"{m[k]:.3f}") for k in ("tpr_at_0.1%_fpr", "tpr_at_1%_fpr")]
-            table.add_row(a.name, a.kind, auc, *tpr,
-                          "-" if a.epsilon_lower is None else _format_eps(a.epsilon_lower.value))
-        console.print(table)
+            rows.append([a.name, a.kind, auc, *tpr,
+                         "-" if a.epsilon_lower is None else _format_eps(a.epsilon_lower.value),
+                         "-" if a.power is None else _format_eps(a.power)])
+        print_table(f"audit of {run_dir} (observer: {result.observer})",
+                    ["attack", "kind", "AUC [CI]", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower", "power"], rows,
+                    right=("AUC [CI]", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower", "power"))
         acc = result.accounted
         eps_text = ", ".join(f"{k} {_format_eps(v if v is not None else math.inf)}" for k, v in acc["epsilon"].items())
-        console.print(f"accounted ε at δ = {acc['delta']:g}: {eps_text}")
+        say(f"accounted ε at δ = {acc['delta']:g}: {eps_text}")
         if acc.get("ledger"):
-            console.print(f"ledger: {acc['ledger']}" + ("; no releases recorded" if acc.get("note") else ""),
-                          markup=False)
+            say(f"ledger: {acc['ledger']}" + ("; no releases recorded" if acc.get("note") else ""))
         el = result.epsilon_lower
-        console.print(f"empirical ε lower bound: {_format_eps(el['value'])} at {100 * el['confidence']:g}% "
-                      f"confidence ({el.get('attack') or 'no bound'})")
+        power = el.get("power")
+        say(f"empirical ε lower bound: {_format_eps(el['value'])} at {100 * el['confidence']:g}% "
+            f"confidence ({el.get('attack') or 'no bound'})"
+            + (f"; the most this audit could certify: {_format_eps(power)}" if power is not None else ""))
         for c in result.claimed:
-            console.print(f"claimed ε = {c['epsilon']:g} at δ = {c['delta']:g} ({c['source'] or 'no source'}): "
-                          f"{c['status']}")
-        console.print(f"[bold]verdict: {result.verdict}[/bold] — {result.verdict_reason}")
+            say(f"claimed ε = {c['epsilon']:g} at δ = {c['delta']:g} ({c['source'] or 'no source'}): {c['status']}")
+        say(f"verdict: {result.verdict} — {result.verdict_reason}", bold=True)
         if result.path is not None:
-            console.print(f"written: {result.path}")
+            say(f"written: {result.path}")
     if result.verdict == "violation":
         raise CheckFailed(f"audit of {run_dir}: VIOLATION: {result.verdict_reason}")
 
@@ -456,8 +519,10 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object listing what was written.")
 @_PUBLIC_KEY_OPTION
 def report(run_dirs: tuple[Path, ...], out_pdf: Path, quiet: bool, as_json: bool, public_key: Path | None) -> None:
-    """Render runs (trained, optionally audited) as a PDF report with figures and tables (exit 1 when a
-    run's ledger does not verify: tampered, incomplete or not matching its manifest)."""
+    """Render runs (trained, optionally audited) as a PDF report with figures and tables.
+
+    Exit 1 (the PDF is still written, with a red banner) when a run's ledger fails the integrity
+    check (tampered, incomplete, unsealed or not matching its manifest): no guarantee is stated for it."""
     from privaudit.reports import build_report
 
     if not run_dirs:
@@ -469,10 +534,12 @@ def report(run_dirs: tuple[Path, ...], out_pdf: Path, quiet: bool, as_json: bool
                    "runs_csv": str(out.runs_csv), "runs_json": str(out.runs_json)})
     else:
         click.echo(f"report: {out.pdf} ({len(out.figures)} figures, tables beside it)")
-    bad = [r for r in out.records if r.ledger_status != "intact"]
-    if bad:
-        raise CheckFailed("; ".join(f"ledger of {r.label}: {r.ledger_status.upper()}: {r.ledger_message}"
-                                    for r in bad) + " (no guarantee stated for it)")
+    refused = [r for r in out.records if (r.guarantee_refused and r.has_guarantee is not False)
+               or r.ledger_status not in ("intact", "missing")]
+    if refused:
+        raise CheckFailed("; ".join(f"{r.label}: {r.guarantee_refused or r.ledger_status + ': ' + r.ledger_message}"
+                                    for r in refused)
+                          + f" (no guarantee stated for {'it' if len(refused) == 1 else 'them'} in {out.pdf})")
 
 
 def _float_list(name: str, text: str | None) -> list[float]:
@@ -525,21 +592,16 @@ def _print_sweep(res: Any, as_json: bool) -> None:
         emit_json({"out_dir": str(res.out_dir), "report": str(res.report) if res.report else None,
                    "points": list(res.points)})
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"sweep {res.out_dir}")
-    for col in ("point", "σ", "ε (pld)", "utility", "ε lower", "verdict"):
-        table.add_column(col)
+    rows: list[list[str]] = []
     for p in res.points:
         eps = (p.get("epsilon") or {}).get("pld")
         util = p.get("utility") or {}
         util_text = ", ".join(f"{k} {v:.3f}" for k, v in util.items() if isinstance(v, (int, float)))
         lower = p.get("epsilon_lower")
-        table.add_row(p["name"], f"{p.get('noise_multiplier') or 0:.3g}",
-                      _format_eps(eps if eps is not None else math.inf), util_text,
-                      "-" if lower is None else f"{lower:.3f}", str(p.get("verdict", "-")))
-    Console().print(table)
+        rows.append([p["name"], f"{p.get('noise_multiplier') or 0:.3g}",
+                     _format_eps(eps if eps is not None else math.inf), util_text,
+                     "-" if lower is None else f"{lower:.3f}", str(p.get("verdict", "-"))])
+    print_table(f"sweep {res.out_dir}", ["point", "σ", "ε (pld)", "utility", "ε lower", "verdict"], rows)
     if res.report:
         click.echo(f"report: {res.report}")
 

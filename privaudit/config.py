@@ -200,7 +200,11 @@ def parse_config(data: Any, base_dir: str | Path | None = None) -> RunConfig:
 
 def _field_error(exc: ValidationError) -> str:
     """``a.b.c: message`` — prefixing the section path when a section validator names a field."""
-    err = exc.errors()[0]
+    errors = exc.errors()
+    extra = [e for e in errors if e.get("type") == "extra_forbidden"]
+    if extra:  # a mistyped key first: it also explains a "Field required" for the key meant
+        return _unknown_key(extra[0], [e for e in errors if e.get("type") == "missing"])
+    err = errors[0]
     loc = [str(p) for p in err.get("loc", ())]
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     head, sep, rest = msg.partition(": ")
@@ -223,6 +227,26 @@ def parse_options(settings: type[OptionsT], options: Mapping[str, Any] | None) -
         head = text.partition(": ")[0]
         named = bool(exc.errors()[0].get("loc")) or head.isidentifier()
         raise ValueError(f"options.{text}" if named else f"options: {text}") from None
+
+
+def _unknown_key(err: Any, missing: list[Any]) -> str:
+    """``a.b: unknown key (did you mean 'c'?)``, suggesting a missing key at the same level first."""
+    import difflib
+
+    loc = [str(p) for p in err.get("loc", ())]
+    parent = loc[:-1]
+    node: Any = RunConfig
+    for part in parent:  # the model the unknown key sits in, for its known keys
+        field = getattr(node, "model_fields", {}).get(part)
+        ann = getattr(field, "annotation", None)
+        node = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if node is None:
+            break
+    known = list(getattr(node, "model_fields", {}) or {})
+    wanted = [str(m["loc"][-1]) for m in missing if [str(p) for p in m["loc"][:-1]] == parent]
+    close = difflib.get_close_matches(loc[-1], wanted, n=1) or difflib.get_close_matches(loc[-1], known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else (f" (known: {', '.join(known)})" if known else "")
+    return f"{'.'.join(loc)}: unknown key{hint}"
 
 
 def load_config(path: str | Path) -> RunConfig:

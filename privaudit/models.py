@@ -472,7 +472,13 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, seed: int = 0) ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            peft_model = get_peft_model(model, config)
+            with warnings.catch_warnings():
+                # PEFT's notes on what we do on purpose: a Linear target (lm_head) beside Conv1D ones gets
+                # fan_in_fan_out=False per module; the frozen tied output layer's adapter is never merged
+                # into the embedding (adapters are saved on their own, as safetensors)
+                warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to True", category=UserWarning)
+                warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True`", category=UserWarning)
+                peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise ValueError(f"target_modules: {exc}") from None
 

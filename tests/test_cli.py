@@ -81,7 +81,9 @@ def test_calibrate_json_and_never_overshoots() -> None:
                str(256 / 60000), "--steps", "14063", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"noise_multiplier", "epsilon", "accountant"}
+    assert set(out) == {"noise_multiplier", "epsilon", "accountant", "target_epsilon", "delta", "sample_rate",
+                        "steps", "neighbouring"}
+    assert (out["delta"], out["sample_rate"], out["steps"]) == (1e-5, 256 / 60000, 14063)
     assert out["epsilon"] <= 3.0
     check = run("epsilon", "--noise-multiplier", repr(out["noise_multiplier"]), "--sample-rate",
                 str(256 / 60000), "--steps", "14063", "--delta", "1e-5", "--accountant",
@@ -151,3 +153,46 @@ def test_epsilon_with_plaintext_ledger_says_no_guarantee(tmp_path: Path) -> None
         assert r["epsilon"] is None and r["guarantee"] == "none" and r["reason"]
     human = run("epsilon", "--ledger", str(path))
     assert "no formal guarantee" in human.stdout
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_epsilon_from_config_names_the_setting_it_used() -> None:
+    proc = run("epsilon", "--config", str(EXAMPLES / "dp_lora_causal_lm.yaml"), "--accountant", "rdp")
+    assert proc.returncode == 0, proc.stderr
+    assert "σ = 1, q = 0.0653061, steps = 40" in proc.stdout
+    proc = run("epsilon", "--config", str(EXAMPLES / "dp_lora_causal_lm.yaml"), "--accountant", "rdp", "--json")
+    (g,) = json.loads(proc.stdout)["gaussian"]
+    assert g["noise_multiplier"] == 1.0 and g["steps"] == 40 and g["sample_rate"] == pytest.approx(0.0653061)
+
+
+def test_help_texts() -> None:
+    top = " ".join(run("--help").stdout.split())
+    commands = top.split("Commands:")[1]
+    assert "(manifest, ledger, adapter, audit key)" in commands and "..." not in commands  # whole sentences
+    cal = run("calibrate", "--help").stdout
+    assert "--steps INTEGER" in cal and "TEXT" not in cal and "Accountant whose ε must not exceed" in cal
+    assert "--steps INTEGER" in run("epsilon", "--help").stdout
+    audit = " ".join(run("audit", "--help").stdout.split())
+    assert "RUN_DIR: a run directory written by `privaudit train`" in audit and "inconclusive" in audit
+
+
+def test_piped_output_is_plain_and_whole(tmp_path: Path) -> None:
+    """stdout is a pipe here: no box drawing, no column cut to "…"."""
+    proc = run("epsilon", "--noise-multiplier", "1", "--sample-rate", "0.01", "--steps", "100", "--delta", "1e-5",
+               "--accountant", "rdp")
+    assert proc.returncode == 0 and "┃" not in proc.stdout and "│" not in proc.stdout
+    assert proc.stdout.splitlines()[1].split() == ["accountant", "ε", "lower", "upper"]
+    p = tmp_path / "ledger.jsonl"
+    with Ledger.create(p, mechanism="dp_lora", target_delta=1e-5) as led:
+        led.append(GaussianEvent(noise_multiplier=1.0, sample_rate=0.01, count=5))
+    out = run("ledger", "show", str(p)).stdout
+    assert "┃" not in out and "…" not in out and "gaussian" in out
+
+
+def test_mistyped_config_section_is_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("traning: {steps: 1}\nprivacy: {noise_multiplier: 1.0}\n")
+    proc = run("epsilon", "--config", str(cfg))
+    assert_bad_input(proc, "traning: unknown key (did you mean 'training'?)")

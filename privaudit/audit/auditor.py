@@ -29,6 +29,12 @@ Multiple testing: the reported ε_lower is the maximum over K bounds (K = attack
 distinct δ values checked: the target δ and each claim's δ), so each bound is computed at confidence
 1 − (1 − confidence)/K (Bonferroni) and the maximum holds at ``confidence``.
 
+Verdicts: ``violation`` when ε_lower exceeds the accounted ε or refutes a claim; ``no guarantee`` when
+the ledger gives none; ``consistent`` only when a bound was computed, stays below the accounted ε, and
+the audit had the power to exceed it (``power``: the bound the design gives for perfect guesses,
+:mod:`privaudit.audit.power`); otherwise ``inconclusive``, with the reason (no attack produced a bound,
+or the accounted ε is above the power: even a perfect attack could not have shown a violation).
+
 Other observers (``server``, ``worker`` ...): mechanisms register attacks on their view with
 :func:`register_view_attack`; with none registered the audit says so and runs no attack.
 """
@@ -45,6 +51,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from privaudit.audit.bounds import EpsilonLowerBound, one_run_audit_best
+from privaudit.audit.power import audit_power
 
 if TYPE_CHECKING:
     import torch
@@ -184,6 +191,7 @@ class AttackResult:
     bounds: Mapping[float, EpsilonLowerBound] = field(default_factory=dict)
     family_confidence: float | None = None
     note: str | None = None
+    power: float | None = None  # the largest ε_lower this attack's design could certify (perfect guesses)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "metrics": _jsonable(dict(self.metrics))}
@@ -192,6 +200,8 @@ class AttackResult:
         if self.epsilon_lower is not None:
             el = self.epsilon_lower.to_json()
             el["family_confidence"] = self.family_confidence
+            if self.power is not None:
+                el["power"] = self.power
             out["epsilon_lower"] = el
             others = [{"delta": d, "value": b.value} for d, b in sorted(self.bounds.items())
                       if d != self.epsilon_lower.delta]
@@ -202,7 +212,7 @@ class AttackResult:
         return out
 
 
-Verdict = Literal["consistent", "violation", "no guarantee"]
+Verdict = Literal["consistent", "inconclusive", "violation", "no guarantee"]
 
 
 @dataclass(frozen=True)
@@ -331,14 +341,37 @@ def _example_stats(model: Any, tokenizer: Any, records: Sequence["Record"], cfg:
     return _ExampleStats(loss_arr, phi, np.exp(-loss_arr))
 
 
-def _sequence_nll(model: Any, tokenizer: Any, texts: Sequence[str], cfg: Any, device: "torch.device"
-                  ) -> NDArray[np.float64]:
-    """Total next-token NLL (nats) of each text under a causal LM: the log-perplexity of the text."""
+def _shared_prefix_tokens(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int) -> int:
+    """Leading token positions every text shares (0 where the model cannot skip their logits)."""
+    import inspect
+
+    if len(texts) < 2 or getattr(tokenizer, "padding_side", "right") != "right":
+        return 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return 0
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    c = min(len(x) for x in ids)
+    first = ids[0]
+    for x in ids[1:]:
+        c = next((i for i in range(c) if x[i] != first[i]), c)
+    return c
+
+
+def _sequence_nll(model: Any, tokenizer: Any, texts: Sequence[str], cfg: Any, device: "torch.device",
+                  *, drop_shared_prefix: bool = False) -> NDArray[np.float64]:
+    """Total next-token NLL (nats) of each text under a causal LM: the log-perplexity of the text.
+
+    ``drop_shared_prefix``: leave out the NLL of the leading tokens all ``texts`` share (the same
+    constant for every text, so ranks and exposures are unchanged) and skip computing their logits —
+    the vocabulary projection over every position dominated the exposure attack's cost."""
     import torch
+    import torch.nn.functional as F
 
     from privaudit.mechanisms.training import per_sample_losses
     from privaudit.models import encode_batch
 
+    c = _shared_prefix_tokens(model, tokenizer, texts, cfg.model.max_length) if drop_shared_prefix else 0
     out: list[np.ndarray] = []
     bs = max(cfg.training.eval_batch_size, 64)
     model.eval()
@@ -346,6 +379,16 @@ def _sequence_nll(model: Any, tokenizer: Any, texts: Sequence[str], cfg: Any, de
         for start in range(0, len(texts), bs):
             batch = encode_batch(tokenizer, list(texts[start:start + bs]), cfg.model.max_length,
                                  lm_labels=True, device=device)
+            if c >= 1:
+                # logits at positions c-1 .. L-1 predict the tokens after the shared prefix
+                n_len = batch["input_ids"].shape[1]
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = model(**inputs, logits_to_keep=n_len - c + 1).logits[:, :-1].float()
+                labels = batch["labels"][:, c:]
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                                      ignore_index=-100).view(labels.shape)
+                out.append(nll.sum(dim=1).cpu().double().numpy())
+                continue
             mean = per_sample_losses(model, batch, "causal_lm")
             count = (batch["labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
             out.append((mean * count).cpu().double().numpy())
@@ -498,7 +541,7 @@ def _canary_exposure_attack(ctx: AuditContext) -> list[AttackScores]:
         space = candidate_space(pattern, n=n_cand, seed=_derived_seed(ctx.seed, i, 0x455850), secret=c.secret)
         texts = [f"{c.prefix}{cand}{c.suffix}" for cand in space.candidates]
         exposures[i] = exposure_from_log_perplexities(_sequence_nll(run.model, run.tokenizer, texts, run.config,
-                                                                    device), space)
+                                                                    device, drop_shared_prefix=True), space)
     included = np.array([c.included for c in canaries], dtype=bool)
     bound, note = _one_run_ok(ctx)
     extra = {
@@ -638,6 +681,18 @@ def _bound(scores: AttackScores, delta: float, confidence: float, seed: int) -> 
     return one_run_audit_best(s, inc, delta, confidence, seed=seed)
 
 
+def _power(scores: AttackScores, delta: float, confidence: float, seed: int) -> float:
+    """The largest ε_lower :func:`_bound` could certify on this attack's design (its perfect guesses,
+    see :mod:`privaudit.audit.power`); whatever bound ``_bound`` computes, its power follows."""
+    assert scores.member_scores is not None and scores.nonmember_scores is not None
+    inc = np.concatenate([np.ones(scores.member_scores.size, bool), np.zeros(scores.nonmember_scores.size, bool)])
+
+    def bound_fn(s: NDArray[np.float64], i: NDArray[np.bool_], d: float, c: float) -> EpsilonLowerBound:
+        return _bound(AttackScores(scores.name, scores.kind, s[i], s[~i], bound="one_run"), d, c, seed)
+
+    return float(audit_power(inc, delta, confidence, bound_fn).value)
+
+
 def _metrics(scores: AttackScores, n_bootstrap: int, seed: int, confidence: float
              ) -> tuple[dict[str, Any], dict[str, list[float]] | None, str | None]:
     from privaudit.attacks.metrics import membership_metrics
@@ -660,8 +715,13 @@ def _fmt(x: float) -> str:
 
 def _verdict(has_guarantee: bool, compared: float, compared_by: str | None, delta: float,
              top: EpsilonLowerBound | None, top_attack: str | None, claims: Sequence[dict[str, Any]],
-             n_attacks: int, observer: str, confidence: float) -> tuple[Verdict, str]:
-    """The verdict and its one-sentence reason (see the module docstring)."""
+             n_attacks: int, observer: str, confidence: float, power: float | None = None,
+             power_attack: str | None = None) -> tuple[Verdict, str]:
+    """The verdict and its one-sentence reason (see the module docstring).
+
+    ``consistent`` only when a valid bound was computed and the design had the power to exceed the
+    accounted ε (``power``: the largest ε_lower any attack's design could certify); otherwise, with a
+    guarantee and no violation, ``inconclusive`` with the reason."""
     lower = top.value if top is not None else 0.0
     refuted = [c for c in claims if c["status"] == "refuted"]
     if has_guarantee and lower > compared:
@@ -682,15 +742,27 @@ def _verdict(has_guarantee: bool, compared: float, compared_by: str | None, delt
                                 f"'{observer}' and {claimed}; the audit measures leakage only "
                                 f"(ε_lower = {_fmt(lower)})")
     if n_attacks == 0:
-        return "consistent", (f"no attack applies to the observer '{observer}', so nothing was tested; the "
-                              "verdict rests on the accounting alone")
+        return "inconclusive", (f"no attack applies to the observer '{observer}', so nothing was tested; the "
+                                "guarantee rests on the accounting alone")
+    if top is None or power is None:
+        return "inconclusive", ("no attack of this audit had the power to produce an ε lower bound (record-level "
+                                "attacks report metrics only; a bound needs units included by fair coins, e.g. "
+                                "canaries), so the audit cannot test the accounted ε = "
+                                f"{_fmt(compared)} ({compared_by})")
+    if power < compared:
+        return "inconclusive", (f"the audit's design could certify at most ε_lower = {_fmt(power)} "
+                                f"({power_attack}, perfect guesses, {100 * confidence:g}% confidence, δ = {delta:g}), "
+                                f"below the accounted ε = {_fmt(compared)} ({compared_by}): even a perfect attack "
+                                f"could not have shown a violation (measured ε_lower = {_fmt(lower)}); more "
+                                "canaries would be needed")
     what = []
     if has_guarantee:
         what.append(f"the accounted ε = {_fmt(compared)} ({compared_by})")
     if claims:
         what.append("every claim" if len(claims) > 1 else f"the claimed ε = {_fmt(claims[0]['epsilon'])}")
     return "consistent", (f"the empirical lower bound ε_lower = {_fmt(lower)} at δ = {delta:g} "
-                          f"({top_attack or 'no bound'}) does not exceed {' nor '.join(what)}")
+                          f"({top_attack or 'no bound'}) does not exceed {' nor '.join(what)}, and the design "
+                          f"could have certified up to {_fmt(power)} ({power_attack})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -931,13 +1003,16 @@ def audit_run(
             note = "; ".join(x for x in (o.note, why) if x) or None
             if any(o is b for b in bounded):
                 by_delta = {d: _bound(o, d, per_conf, _derived_seed(seed, i, 0x424E44)) for d in deltas}
-                results.append(AttackResult(o.name, o.kind, metrics, roc, by_delta[delta], by_delta, confidence, note))
+                results.append(AttackResult(o.name, o.kind, metrics, roc, by_delta[delta], by_delta, confidence, note,
+                                            power=_power(o, delta, per_conf, _derived_seed(seed, i, 0x424E44))))
             else:
                 results.append(AttackResult(o.name, o.kind, metrics, roc, None, {}, None, note))
 
         with_bounds = [r for r in results if r.epsilon_lower is not None]
         top = max(with_bounds, key=lambda r: r.epsilon_lower.value) if with_bounds else None  # type: ignore[union-attr]
         top_bound = top.epsilon_lower if top is not None else None
+        strongest = max(with_bounds, key=lambda r: r.power or 0.0) if with_bounds else None
+        power = strongest.power if strongest is not None else None
         if top_bound is not None and top is not None:
             eps_lower: dict[str, Any] = {
                 "value": top_bound.value, "confidence": confidence, "method": top_bound.method,
@@ -945,10 +1020,13 @@ def audit_run(
                 "correction": "bonferroni", "n_bounds": n_bounds,
                 "note": f"maximum over {n_bounds} bounds ({len(bounded)} attacks × {len(deltas)} δ values), "
                         f"each at confidence 1 − {1 - confidence:g}/{n_bounds}",
+                "power": power, "power_attack": strongest.name if strongest is not None else None,
+                "power_note": "the largest ε_lower the audit's design could certify (perfect guesses, same "
+                              "bound and confidence)",
             }
         else:
             eps_lower = {"value": 0.0, "confidence": confidence, "method": "none", "attack": None, "delta": delta,
-                         "n_bounds": 0, "note": "no attack of this audit supports an ε lower bound "
+                         "n_bounds": 0, "power": None, "note": "no attack of this audit supports an ε lower bound "
                                                 "(record-level attacks report metrics only)"}
         claimed: list[dict[str, Any]] = []
         for c in claims:
@@ -959,7 +1037,7 @@ def audit_run(
                             "status": "refuted" if best[0] > float(c.epsilon) else "not refuted"})
         verdict, reason = _verdict(has_guarantee, compared, compared_by, delta, top_bound,
                                    top.name if top is not None else None, claimed, len(outcomes), observer,
-                                   confidence)
+                                   confidence, power, strongest.name if strongest is not None else None)
         accounted, reason = _mechanism_parts(run.manifest, accounted, reason, results)
         public_settings = {k: v for k, v in settings.items() if not k.startswith("_")}
         public_settings.update({

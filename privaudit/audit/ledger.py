@@ -19,6 +19,7 @@ distinct events) and :func:`load_ledger` (raises unless the ledger verifies).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fcntl
 import hashlib
 import json
@@ -458,6 +459,11 @@ class Ledger:
     def create(cls, path: str | os.PathLike[str], **header: Any) -> "Ledger":
         """Create a new ledger; refuses to overwrite an existing one. Header fields: see LedgerHeader."""
         p = Path(path)
+        for key in header:  # extra fields are allowed (mechanisms add theirs), a near-miss of a field is not
+            close = [] if key in LedgerHeader.model_fields else difflib.get_close_matches(
+                key, list(LedgerHeader.model_fields), n=1, cutoff=0.8)
+            if close:
+                raise ValueError(f"{key}: unknown header field (did you mean {close[0]!r}?)")
         try:
             hdr = LedgerHeader(**header)
         except ValidationError as exc:

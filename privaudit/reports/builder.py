@@ -2,7 +2,7 @@
 
 Outputs beside ``out_pdf`` (stem = the PDF's name without ``.pdf``):
 
-* ``<stem>_figures/*.png`` — comparison figures and, per run, ROC curves and ε over steps;
+* ``<stem>_figures/*.png`` — comparison figures (each once) and, per run, ROC curves;
 * ``<stem>_runs.csv`` / ``<stem>_runs.json`` — one row per run (the JSON also holds accountants,
   claims, attacks and ε over steps per run);
 * ``<stem>_attacks.csv`` — one row per (run, attack).
@@ -31,12 +31,13 @@ from privaudit.reports.runs_table import (
 )
 
 _CAPTIONS = {
-    "eps_vs_utility": "Utility against accounted ε, one line style per mechanism and one marker per "
-                      "accountant; runs without a formal guarantee sit at the ∞ position.",
+    "eps_vs_utility": "Utility against accounted ε, one line per mechanism; runs without a formal "
+                      "guarantee sit at the ∞ position.",
     "attack_success_vs_eps": "Attack AUC with its confidence interval against the accounted ε.",
     "empirical_vs_accounted": "Empirical ε lower bound against the accounted ε. Points above y = x (or "
                               "above a claimed ε bar) are violations.",
-    "eps_over_steps": "ε spent as training proceeds, recomputed from each ledger on its first k steps.",
+    "eps_over_steps": "ε spent as training proceeds, recomputed from each ledger on its first k steps "
+                      "with the headline accountant (the last point is the run's accounted ε).",
     "attack_vs_rank": "Membership/canary AUC and the empirical ε lower bound against the LoRA rank (A "
                       "public vs secret, with and without noise), beside any claimed ε and the accounted "
                       "ε of noisy runs.",
@@ -118,10 +119,8 @@ def build_report(run_dirs: Sequence[str | Path], out_pdf: str | Path, *,
             if F.has_data(fig):
                 items.append((f"ROC curves of the attacks on {r.label} (log-log: the low false-positive "
                               "regime is where membership inference matters).", figures[key]))
-        if r.eps_over_steps:
-            key = f"eps_over_steps_{slug}"
-            figures[key] = F.save_png(F.eps_over_steps([r]), fig_dir / f"{key}.png")
-            items.append((f"ε spent over the training steps of {r.label}.", figures[key]))
+            else:  # nothing to draw (e.g. view attacks only): no empty figure in the PDF or beside it
+                figures.pop(key).unlink(missing_ok=True)
         per_run[r.run_id] = items
 
     say("tables: CSV and JSON")

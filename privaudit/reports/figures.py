@@ -135,7 +135,8 @@ def _primary_accountant(records: Sequence[RunRecord]) -> str | None:
 
 # --------------------------------------------------------------------------------------- figures
 def eps_vs_utility(records: Sequence[RunRecord]) -> Figure:
-    """Utility against accounted ε: a curve per mechanism (line style), a marker per accountant."""
+    """Utility against the headline accounted ε: a curve per mechanism (line style); the marker names
+    the accountant."""
     groups: dict[str, list[RunRecord]] = {}
     for r in records:
         if r.utility_name and r.utility_value is not None:
@@ -156,12 +157,10 @@ def eps_vs_utility(records: Sequence[RunRecord]) -> Figure:
             if r.has_guarantee is False:
                 inf_points.append((r.mechanism, r.utility_value))
                 continue
-            got = False
-            for a in r.accounted:
-                if a.value is not None and math.isfinite(a.value):
-                    points.setdefault((r.mechanism, a.accountant), []).append((a.value, r.utility_value))
-                    got = True
-            if not got:
+            eps, acc = r.primary_epsilon  # the report's one headline accountant, not all three
+            if eps is not None and acc is not None and math.isfinite(eps):
+                points.setdefault((r.mechanism, acc), []).append((eps, r.utility_value))
+            else:
                 missing.append(r.label)
         finite = [e for pts in points.values() for e, _ in pts]
         xa = _InfAxis(finite, bool(inf_points))
@@ -178,7 +177,7 @@ def eps_vs_utility(records: Sequence[RunRecord]) -> Figure:
             ax.plot([xa.inf_pos], [u], marker=NO_GUARANTEE_MARKER, color=COLOURS[i % len(COLOURS)],
                     markersize=9, linestyle="none")
         xa.apply(ax, "x")
-        ax.set_xlabel("accounted ε (∞ = no formal guarantee)")
+        ax.set_xlabel(_eps_label(_primary_accountant(recs)) + " (∞ = no formal guarantee)")
         split = next((r.utility_split for r in recs if r.utility_split), None)
         ax.set_ylabel(_utility_label(uname, split))
         ax.grid(True, color="0.9")

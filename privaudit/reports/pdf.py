@@ -47,6 +47,7 @@ FONT_MONO = "DejaVuSansMono"
 ACCOUNTANT_TITLES = {"rdp": "RDP", "pld": "PLD", "prv": "PRV"}
 
 SECTION_TITLES = {
+    "executive": "Executive summary",
     "summary": "Summary of runs",
     "comparison": "Comparison figures",
     "details": "Run details",
@@ -93,6 +94,7 @@ def _styles() -> dict[str, ParagraphStyle]:
         "bullet": ParagraphStyle("bullet", parent=base, leftIndent=10, bulletIndent=2, spaceAfter=2,
                                  bulletFontName=FONT),
         "caption": ParagraphStyle("caption", parent=base, fontSize=7.5, leading=9.5, textColor=colors.grey),
+        "alarm": ParagraphStyle("alarm", parent=base, fontName=FONT_BOLD, textColor=colors.Color(0.72, 0.05, 0.05)),
     }
 
 
@@ -149,6 +151,40 @@ def _table(rows: Sequence[Sequence[Any]], widths: Sequence[float], st: dict[str,
     ]
     if header:
         style.append(("BACKGROUND", (0, 0), (-1, 0), colors.Color(0.88, 0.88, 0.88)))
+    t.setStyle(TableStyle(style))
+    return t
+
+
+def _kv_grid(pairs: Sequence[tuple[str, Any]], width: float, st: dict[str, ParagraphStyle],
+             mono_keys: Sequence[str] = (), wide_keys: Sequence[str] = ()) -> Table:
+    """Key/value pairs two to a row (half the height of :func:`_kv_table`); ``wide_keys`` span the row."""
+    rows: list[list[Any]] = []
+    spans: list[int] = []
+    pending: list[Any] = []
+
+    def cell(k: str, v: Any) -> list[Any]:
+        return [_p(k, st["cellb"]), _p("not recorded" if v is None or v == "" else v,
+                                       st["mono"] if k in mono_keys else st["cell"])]
+
+    for k, v in pairs:
+        if k in wide_keys:
+            spans.append(len(rows))
+            rows.append(cell(k, v) + [_p("", st["cell"]), _p("", st["cell"])])
+        elif pending:
+            rows.append(pending + cell(k, v))
+            pending = []
+        else:
+            pending = cell(k, v)
+    if pending:
+        rows.append(pending + [_p("", st["cell"]), _p("", st["cell"])])
+    t = Table(rows, colWidths=[w * width for w in (0.15, 0.35, 0.15, 0.35)], hAlign="LEFT")
+    style = [("GRID", (0, 0), (-1, -1), 0.4, colors.Color(0.6, 0.6, 0.6)),
+             ("FONT", (0, 0), (-1, -1), FONT, 7.5),
+             ("BACKGROUND", (0, 0), (0, -1), colors.Color(0.94, 0.94, 0.94)),
+             ("BACKGROUND", (2, 0), (2, -1), colors.Color(0.94, 0.94, 0.94)),
+             ("VALIGN", (0, 0), (-1, -1), "TOP"), ("TOPPADDING", (0, 0), (-1, -1), 2),
+             ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]
+    style += [("SPAN", (1, i), (3, i)) for i in spans]
     t.setStyle(TableStyle(style))
     return t
 
@@ -301,26 +337,123 @@ def guarantee_note(r: RunRecord) -> tuple[list[str], list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------------------- document
+_VERDICT_COLOURS = {"consistent": colors.Color(0.1, 0.5, 0.2), "violation": colors.Color(0.75, 0.05, 0.05),
+                    "inconclusive": colors.Color(0.75, 0.45, 0.0), "no guarantee": colors.Color(0.35, 0.35, 0.35)}
+_RED = colors.Color(0.72, 0.05, 0.05)
+
+
+def _verdict_colour(v: str) -> Any:
+    return _VERDICT_COLOURS.get(v, _RED if v.startswith("not stated") else colors.Color(0.35, 0.35, 0.35))
+
+
+def _banner(lines: Sequence[str], width: float, st: dict[str, ParagraphStyle]) -> Table:
+    """A red box on page 1: the runs whose ledger fails the integrity check."""
+    style = ParagraphStyle("banner", parent=st["body"], fontName=FONT_BOLD, textColor=colors.white,
+                           fontSize=9.5, leading=12.5)
+    t = Table([[Paragraph(escape(x), style)] for x in lines], colWidths=[width], hAlign="LEFT")
+    t.setStyle(TableStyle([("FONT", (0, 0), (-1, -1), FONT, 7.5), ("BACKGROUND", (0, 0), (-1, -1), _RED), ("LEFTPADDING", (0, 0), (-1, -1), 6),
+                           ("RIGHTPADDING", (0, 0), (-1, -1), 6), ("TOPPADDING", (0, 0), (-1, -1), 3),
+                           ("BOTTOMPADDING", (0, 0), (-1, -1), 3)]))
+    return t
+
+
+def _exec_block(r: RunRecord, records: Sequence[RunRecord], width: float, st: dict[str, ParagraphStyle]
+                ) -> KeepTogether:
+    from privaudit.reports.summary import executive_summary, report_verdict
+
+    v = report_verdict(r)
+    hex_colour = _verdict_colour(v).hexval()[2:]
+    head = Paragraph(f"{escape(r.label)} &nbsp;<font color='#{hex_colour}'>[{escape(v)}]</font>", st["h2"])
+    rows = []
+    for q, a in executive_summary(r, records):
+        style = st["cell"]
+        if (q == "guarantee" and a.startswith("NOT STATED")) or (q == "ledger integrity" and a.startswith("FAILED")):
+            style = ParagraphStyle("alarm", parent=st["cellb"], textColor=_RED)
+        elif q == "verdict":
+            style = ParagraphStyle("verdict", parent=st["cellb"], textColor=_verdict_colour(v))
+        rows.append([_p(q, st["cellb"]), _p(a, style)])
+    t = Table(rows, colWidths=[0.21 * width, 0.79 * width], hAlign="LEFT")
+    t.setStyle(TableStyle([("FONT", (0, 0), (-1, -1), FONT, 7.5), ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                           ("TOPPADDING", (0, 0), (-1, -1), 1),
+                           ("BOTTOMPADDING", (0, 0), (-1, -1), 1), ("LEFTPADDING", (0, 0), (-1, -1), 2),
+                           ("LINEBELOW", (0, -1), (-1, -1), 0.4, colors.Color(0.7, 0.7, 0.7))]))
+    return KeepTogether([head, t])
+
+
 def _summary_table(records: Sequence[RunRecord], width: float, st: dict[str, ParagraphStyle]) -> Table:
-    rows: list[list[Any]] = [["run", "mechanism", "utility", "accounted ε", "claimed ε",
-                              "empirical ε lower", "verdict (audit)", "re-check"]]
+    from privaudit.reports.summary import report_verdict
+
+    acc = next((r.headline_accountant for r in records if r.headline_accountant), None)
+    rows: list[list[Any]] = [["run", "utility", f"accounted ε ({ACCOUNTANT_TITLES.get(acc or '', 'best available')})",
+                              "claimed ε", "empirical ε lower [audit power]", "verdict"]]
     for r in records:
-        rows.append([r.label, r.mechanism, utility_text(r), accounted_text(r), claimed_text(r),
-                     lower_text(r), verdict_text(r), r.recheck or "n/a"])
-    fr = [0.14, 0.11, 0.16, 0.13, 0.1, 0.12, 0.12, 0.12]
-    return _table(rows, [f * width for f in fr], st)
+        power = f" [{format_epsilon(r.epsilon_lower_power)}]" if r.epsilon_lower_power is not None else ""
+        rows.append([r.label, utility_text(r), accounted_text(r), claimed_text(r), lower_text(r) + power,
+                     report_verdict(r)])
+    return _table(rows, [f * width for f in (0.22, 0.2, 0.15, 0.1, 0.19, 0.14)], st)
+
+
+_KNOWN_METRICS = ("auc", "auc_ci", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr", "roc")
+
+
+def _other_metrics(metrics: Mapping[str, Any], limit: int = 5) -> str:
+    """Scalar metrics as 'name value', formatted; lists and mappings are left to the CSV/JSON tables."""
+    shown, hidden = [], 0
+    for k, v in metrics.items():
+        if k in _KNOWN_METRICS or k.endswith("_ci"):
+            continue
+        if isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(float(v))):
+            if len(shown) < limit:
+                shown.append(f"{k.replace('_', ' ')} {_fmt_metric(v)}")
+            else:
+                hidden += 1
+        elif isinstance(v, str) and len(v) <= 40 and len(shown) < limit:
+            shown.append(f"{k.replace('_', ' ')}: {v}")
+        elif v is not None:
+            hidden += 1
+    if hidden:
+        shown.append(f"(+{hidden} more in the attacks CSV)")
+    return "; ".join(shown) or "—"
+
+
+def _attack_table(r: RunRecord, width: float, st: dict[str, ParagraphStyle]) -> list[Any]:
+    rows: list[list[Any]] = [["attack", "kind", "AUC [95% CI]", "TPR at 0.1% FPR", "TPR at 1% FPR",
+                              "ε lower [power]", "other metrics"]]
+    conf = None
+    for a in r.attacks:
+        if a.kind in ("inversion", "attribute"):
+            continue
+        ci = a.auc_ci
+        auc = (format_number(a.auc) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")) if a.auc is not None else "—"
+        el = "no bound" if a.epsilon_lower is None else format_epsilon(a.epsilon_lower)
+        if a.power is not None:
+            el += f" [{format_epsilon(a.power)}]"
+        conf = conf or a.family_confidence or a.epsilon_lower_confidence
+        rows.append([a.name, a.kind, auc, _fmt_metric(a.metrics.get("tpr_at_0.1%_fpr")),
+                     _fmt_metric(a.metrics.get("tpr_at_1%_fpr")), el, _other_metrics(a.metrics)])
+    if len(rows) == 1:
+        return []
+    note = ("ε lower: the empirical lower bound this attack proves"
+            + (f" (the audit's maximum holds at {conf:.0%} confidence, each bound at a Bonferroni-corrected "
+               "level)" if conf else "")
+            + "; [power]: the largest bound its design could certify (perfect guesses). 'no bound': the attack's "
+            "units were not included by fair coins, so it reports metrics only.")
+    return [_table(rows, [width * f for f in (0.17, 0.09, 0.17, 0.09, 0.09, 0.12, 0.27)], st),
+            _p(note, st["caption"])]
 
 
 def _run_section(r: RunRecord, figures: Sequence[tuple[str, Path]], width: float,
-                 st: dict[str, ParagraphStyle]) -> list[Any]:
+                 st: dict[str, ParagraphStyle], letter: str = "", show_versions: bool = True) -> list[Any]:
+    from privaudit.reports.summary import report_verdict, verdict_explanation
+
     H = SECTION_TITLES
-    story: list[Any] = [PageBreak(), _p(f"Run: {r.label}", st["h1"])]
+    story: list[Any] = [CondPageBreak(70 * mm), _p(f"Appendix {letter}: {r.label}".replace(" : ", ": "), st["h1"])]
 
     # title block
     size = f"{r.dataset_size} records" if r.dataset_size is not None else None
     pairs = [
-        ("run id", r.run_id), ("base model", r.base_model), ("task", r.task),
-        ("data fingerprint", r.dataset_fingerprint),
+        ("run id", r.run_id), ("data fingerprint", r.dataset_fingerprint), ("run directory", str(r.path)),
+        ("base model", r.base_model), ("task", r.task),
         ("data", ", ".join(x for x in (size, r.dataset_source) if x) or None),
         ("mechanism", r.mechanism), ("privacy unit", r.privacy_unit),
         ("neighbouring relation", r.neighbouring), ("δ", format_delta(r.delta)), ("observer", r.observer),
@@ -328,122 +461,118 @@ def _run_section(r: RunRecord, figures: Sequence[tuple[str, Path]], width: float
         ("sample rate q", f"{r.sample_rate:.4g}" if r.sample_rate is not None else None),
         ("steps", r.steps), ("utility", utility_text(r)),
         ("train loss", format_number(r.train_loss) if r.train_loss is not None else None),
-        ("created", r.created), ("status", r.status), ("run directory", str(r.path)),
+        ("created", r.created), ("status", r.status),
     ]
-    story += [_p(H["details"], st["h2"]), _kv_table(pairs, width, st, mono_keys=("data fingerprint", "run id"))]
+    story += [_p(H["details"], st["h2"]),
+              _kv_grid(pairs, width, st, mono_keys=("data fingerprint", "run id"),
+                       wide_keys=("run id", "data fingerprint", "run directory"))]
 
     # verdict
-    story += [_p(H["verdict"], st["h2"]), _table([
-        ["verdict (audit.json)", "re-check by this report", "accounted ε", "empirical ε lower", "claimed ε"],
-        [verdict_text(r), r.recheck or "n/a (no lower bound or no accounted ε)", accounted_text(r),
-         lower_text(r), claimed_text(r)],
-    ], [width * f for f in (0.2, 0.26, 0.18, 0.18, 0.18)], st)]
+    v = report_verdict(r)
+    verdict_rows = [["verdict", "why", "accounted ε", "empirical ε lower [power]", "claimed ε"],
+                    [v, verdict_explanation(r), accounted_text(r),
+                     lower_text(r) + (f" [{format_epsilon(r.epsilon_lower_power)}]"
+                                      if r.epsilon_lower_power is not None else ""), claimed_text(r)]]
+    story += [_p(H["verdict"], st["h2"]),
+              _table(verdict_rows, [width * f for f in (0.13, 0.45, 0.14, 0.16, 0.12)], st)]
+    if r.verdict and r.recheck and r.verdict != r.recheck:
+        story.append(_p(f"audit.json says '{r.verdict}'; this report's re-check from the ledger says "
+                        f"'{r.recheck}' (shown).", st["small"]))
 
-    # accountants side by side
-    rows: list[list[Any]] = [["", *[ACCOUNTANT_TITLES.get(a.accountant, a.accountant) for a in r.accounted]]]
-    rows.append(["ε reported", *[format_epsilon(a.value) for a in r.accounted]])
-    rows.append(["recomputed from ledger", *[format_epsilon(a.recomputed) for a in r.accounted]])
-    rows.append(["bounds [lower, upper]", *[
-        f"[{format_number(a.lower)}, {format_number(a.upper)}]" if (a.lower is not None or a.upper is not None)
-        else "—" for a in r.accounted]])
-    rows.append(["recorded in manifest", *[format_epsilon(a.manifest) for a in r.accounted]])
-    rows.append(["note", *[a.note or "" for a in r.accounted]])
-    n = max(1, len(r.accounted))
-    story += [_p(H["accountants"], st["h2"]),
-              _p(f"ε at δ = {format_delta(r.delta)} ({r.neighbouring or 'relation not recorded'} neighbours). "
-                 "Where the ledger and the manifest disagree, the larger ε is reported.", st["small"]),
-              Spacer(1, 2),
-              _table(rows, [0.22 * width] + [0.78 * width / n] * n, st)]
+    if r.guarantee_refused and r.has_guarantee is not False:
+        story += [_p(H["accountants"], st["h2"]),
+                  _p(f"No guarantee is stated: {r.guarantee_refused}.", st["alarm"])]
+    else:
+        # accountants side by side
+        rows: list[list[Any]] = [["", *[ACCOUNTANT_TITLES.get(a.accountant, a.accountant) for a in r.accounted]]]
+        rows.append(["ε reported", *[format_epsilon(a.value) for a in r.accounted]])
+        rows.append(["recomputed from ledger", *[format_epsilon(a.recomputed) for a in r.accounted]])
+        rows.append(["bounds [lower, upper]", *[
+            f"[{format_number(a.lower)}, {format_number(a.upper)}]" if (a.lower is not None or a.upper is not None)
+            else "—" for a in r.accounted]])
+        rows.append(["recorded in manifest", *[format_epsilon(a.manifest) for a in r.accounted]])
+        rows.append(["note", *[a.note or "" for a in r.accounted]])
+        n = max(1, len(r.accounted))
+        head = (f" The report's headline uses {ACCOUNTANT_TITLES.get(r.headline_accountant, r.headline_accountant)}."
+                if r.headline_accountant else "")
+        story += [_p(H["accountants"], st["h2"]),
+                  _p(f"ε at δ = {format_delta(r.delta)} ({r.neighbouring or 'relation not recorded'} neighbours). "
+                     f"Where the ledger and the manifest disagree, the larger ε is reported.{head}", st["small"]),
+                  Spacer(1, 2),
+                  _table(rows, [0.22 * width] + [0.78 * width / n] * n, st)]
 
     story += mechanism_guarantee_block(r, width, st)
 
-    # claimed vs accounted vs empirical
-    rows = [["kind", "ε", "δ", "source / method", "scope / status"]]
-    for a in r.accounted:
-        rows.append([f"accounted ({ACCOUNTANT_TITLES.get(a.accountant, a.accountant)})",
-                     format_epsilon(a.value), format_delta(a.delta), "recomputed from ledger"
-                     if a.recomputed is not None else ("manifest" if a.manifest is not None else "—"), ""])
-    for c in r.claims:
-        rows.append(["claimed", format_epsilon(c.epsilon), format_delta(c.delta), c.source or "—",
-                     f"{c.scope or '—'}; {c.status}"])
-    if not r.claims:
-        rows.append(["claimed", "none", "—", "—", "—"])
-    conf = f"{r.epsilon_lower_confidence:.0%} confidence" if r.epsilon_lower_confidence else ""
-    rows.append(["empirical lower bound", format_epsilon(r.epsilon_lower), format_delta(r.audit_delta),
-                 ", ".join(x for x in (r.epsilon_lower_method, r.epsilon_lower_attack) if x) or "—", conf])
-    story += [_p(H["claims"], st["h2"]), _table(rows, [width * f for f in (0.2, 0.12, 0.1, 0.28, 0.3)], st)]
+    # claims (only where there is one: the accounted and empirical ε are in the verdict table)
+    if r.claims:
+        rows = [["claimed ε", "δ", "source", "scope", "status"]]
+        for c in r.claims:
+            rows.append([format_epsilon(c.epsilon), format_delta(c.delta), c.source or "—", c.scope or "—",
+                         c.status])
+        story += [_p(H["claims"], st["h2"]), _table(rows, [width * f for f in (0.12, 0.1, 0.22, 0.16, 0.4)], st)]
 
     # attacks
     story.append(_p(H["attacks"], st["h2"]))
     view = [a for a in r.attacks if a.kind in ("inversion", "attribute")]
     if view:
         story.append(view_attack_table(view, width, st))
-    if r.attacks and len(view) < len(r.attacks):
-        rows = [["attack", "kind", "AUC [CI]", "TPR at 0.1% FPR", "TPR at 1% FPR", "other metrics",
-                 "ε lower"]]
-        for a in r.attacks:
-            if a.kind in ("inversion", "attribute"):
-                continue
-            ci = a.auc_ci
-            auc = format_number(a.auc) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") if a.auc is not None \
-                else "—"
-            other = ", ".join(f"{k} = {_fmt_metric(v)}" for k, v in a.metrics.items()
-                              if k not in ("auc", "auc_ci", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr"))
-            el = format_epsilon(a.epsilon_lower) if a.epsilon_lower is not None else "—"
-            if a.epsilon_lower is not None and a.epsilon_lower_confidence:
-                el += f" ({a.epsilon_lower_confidence:.0%})"
-            rows.append([a.name, a.kind, auc, _fmt_metric(a.metrics.get("tpr_at_0.1%_fpr")),
-                         _fmt_metric(a.metrics.get("tpr_at_1%_fpr")), other or "—", el])
-        story.append(_table(rows, [width * f for f in (0.17, 0.11, 0.17, 0.1, 0.1, 0.23, 0.12)], st))
-    elif not r.attacks:
+    story += _attack_table(r, width, st)
+    if not r.attacks:
         story.append(_p("No audit results (no audit.json)." if not r.has_audit else "audit.json lists no "
                         "attack.", st["body"]))
 
-    # figures
-    if figures:
-        story += [CondPageBreak(90 * mm), _p(H["figures"], st["h2"])]
-        for caption, path in figures:
-            story.append(KeepTogether([_image(path, width * 0.82, 95 * mm), _p(caption, st["caption"]),
-                                       Spacer(1, 4)]))
+    for caption, path in figures:
+        story.append(KeepTogether([Spacer(1, 4), _image(path, width * 0.7, 75 * mm), _p(caption, st["caption"])]))
 
     # ledger
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(r.event_counts.items())) or "none"
-    match = ("matches" if r.manifest_ledger_head == r.ledger_head else "DIFFERS") \
-        if r.manifest_ledger_head and r.ledger_head else "not compared"
+    integ = r.integrity
     story += [_p(H["ledger"], st["h2"]), _kv_table([
-        ("status", f"{r.ledger_status}: {r.ledger_message}"), ("head hash", r.ledger_head),
-        ("manifest ledger_head", f"{r.manifest_ledger_head or 'not recorded'} ({match})"),
+        ("hash chain", f"{r.ledger_status}: {r.ledger_message}"),
+        ("integrity check", (("passed: " if integ.ok else "FAILED: ") + integ.reason) if integ else None),
+        ("head hash", r.ledger_head),
+        ("manifest's head hash", f"{r.manifest_ledger_head or 'not recorded'} "
+                                 f"({integ.head_compared if integ else 'not compared'})"),
         ("releases by event type", counts),
-    ], width, st, mono_keys=("head hash", "manifest ledger_head"))]
+    ], width, st, mono_keys=("head hash", "manifest's head hash"))]
 
-    # versions
-    story.append(_p(H["versions"], st["h2"]))
-    if r.versions:
-        vs = sorted(r.versions.items())
-        half = (len(vs) + 1) // 2
-        rows = [["library", "version", "library", "version"]]
-        for i in range(half):
-            right = vs[half + i] if half + i < len(vs) else ("", "")
-            rows.append([vs[i][0], vs[i][1], right[0], right[1]])
-        story.append(_table(rows, [width * f for f in (0.22, 0.28, 0.22, 0.28)], st))
-    else:
-        story.append(_p("not recorded in the manifest", st["body"]))
+    if show_versions:
+        story += [_p(H["versions"], st["h2"]), *_versions_table(r.versions, width, st)]
 
     # plain-language note
-    g, a_, ng = guarantee_note(r)
-    block: list[Any] = [_p(H["guarantee"], st["h2"]), _p("Guaranteed", st["cellb"])]
-    block += [Paragraph(escape(t), st["bullet"], bulletText="•") for t in g]
-    if a_:
-        block.append(_p("Under these assumptions", st["cellb"]))
-        block += [Paragraph(escape(t), st["bullet"], bulletText="•") for t in a_]
-    block.append(_p("Not guaranteed", st["cellb"]))
-    block += [Paragraph(escape(t), st["bullet"], bulletText="•") for t in ng]
-    story += block
+    story.append(_p(H["guarantee"], st["h2"]))
+    if r.guarantee_refused and r.has_guarantee is not False:
+        story.append(_p(f"Nothing is guaranteed by this report: {r.guarantee_refused}.", st["alarm"]))
+    else:
+        g, a_, ng = guarantee_note(r)
+        block: list[Any] = [_p("Guaranteed", st["cellb"])]
+        block += [Paragraph(escape(t), st["bullet"], bulletText="•") for t in g]
+        if a_:
+            block.append(_p("Under these assumptions", st["cellb"]))
+            block += [Paragraph(escape(t), st["bullet"], bulletText="•") for t in a_]
+        block.append(_p("Not guaranteed", st["cellb"]))
+        block += [Paragraph(escape(t), st["bullet"], bulletText="•") for t in ng]
+        story += block
 
     if r.warnings:
         story.append(_p(H["warnings"], st["h2"]))
         story += [Paragraph(escape(w), st["bullet"], bulletText="!") for w in r.warnings]
     return story
+
+
+def _versions_table(versions: Mapping[str, str], width: float, st: dict[str, ParagraphStyle]) -> list[Any]:
+    if not versions:
+        return [_p("not recorded in the manifest", st["body"])]
+    vs = sorted(versions.items())
+    third = (len(vs) + 2) // 3
+    rows = [["library", "version"] * 3]
+    for i in range(third):
+        row: list[Any] = []
+        for j in range(3):
+            k = i + j * third
+            row += list(vs[k]) if k < len(vs) else [_p("", st["cell"]), _p("", st["cell"])]
+        rows.append(row)
+    return [_table(rows, [width * f for f in (0.2, 0.13) * 3], st)]
 
 
 def _rate_ci(m: Mapping[str, Any], key: str) -> str:
@@ -529,44 +658,60 @@ def write_pdf(records: Sequence[RunRecord], out_pdf: str | Path, *,
               summary_figures: Sequence[tuple[str, Path]] = (),
               run_figures: Mapping[str, Sequence[tuple[str, Path]]] | None = None,
               summary_notes: Sequence[str] = (), title: str = "privaudit report") -> Path:
-    """Write the report. ``run_figures`` maps a run id to its (caption, PNG path) figures;
-    ``summary_notes`` are lines shown under the comparison figures (e.g. figures left out)."""
+    """Write the report: page 1 is the executive summary (a red banner first where a ledger fails the
+    integrity check), then the summary table, the comparison figures (each once) and one appendix per
+    run. ``run_figures`` maps a run id to its (caption, PNG path) figures; ``summary_notes`` are lines
+    shown under the comparison figures (e.g. figures left out)."""
     register_fonts()
     st = _styles()
     out = Path(out_pdf)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = SimpleDocTemplate(str(out), pagesize=A4, leftMargin=18 * mm, rightMargin=18 * mm,
-                            topMargin=16 * mm, bottomMargin=18 * mm, title=title, author="privaudit",
+                            topMargin=14 * mm, bottomMargin=16 * mm, title=title, author="privaudit",
                             initialFontName=FONT,  # else Helvetica (never embedded) is referenced
                             subject="privacy accounting and audit report")
     width = doc.width
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    acc = next((r.headline_accountant for r in records if r.headline_accountant), None)
+    acc_text = (f"Every ε in the headlines and figures is from the {ACCOUNTANT_TITLES.get(acc, acc)} accountant "
+                "(the tightest that covers every run); the appendices list all accountants."
+                if acc else "ε: PLD where available, else PRV, else RDP (named beside each value).")
     story: list[Any] = [_p(title, st["title"]),
                         _p(f"Generated {now} from {len(records)} run director"
-                           f"{'y' if len(records) == 1 else 'ies'}.", st["body"]),
+                           f"{'y' if len(records) == 1 else 'ies'}. {acc_text}", st["small"]),
                         Spacer(1, 4)]
-    if len(records) == 1:
-        r = records[0]
-        story.append(_kv_table([("model", r.base_model), ("data fingerprint", r.dataset_fingerprint),
-                                ("mechanism", r.mechanism), ("privacy unit", r.privacy_unit),
-                                ("neighbouring relation", r.neighbouring), ("δ", format_delta(r.delta)),
-                                ("observer", r.observer)], width, st, mono_keys=("data fingerprint",)))
-    story += [_p(SECTION_TITLES["summary"], st["h1"]),
-              _p("Accounted ε: PLD where available, else PRV, else RDP (∞ = no formal guarantee). "
-                 "Verdict: 'consistent' when the empirical lower bound stays under the accounted ε, "
-                 "'violation' when it exceeds it (or a claim), 'no guarantee' where none is made. "
-                 "The re-check recomputes the verdict from the ledger.", st["small"]),
-              Spacer(1, 3), _summary_table(records, width, st)]
+    refused = [r for r in records if r.guarantee_refused and r.has_guarantee is not False]
+    if refused:
+        story += [_banner([f"LEDGER INTEGRITY FAILED: no privacy guarantee is stated for {r.label}. "
+                           f"{r.guarantee_refused}." for r in refused], width, st), Spacer(1, 4)]
+    story += [_p(SECTION_TITLES["executive"], st["h1"])]
+    story += [_exec_block(r, records, width, st) for r in records]
+    story += [Spacer(1, 4),
+              _p("Verdicts: 'consistent' = a valid lower bound was computed, stays below the accounted ε, and the "
+                 "audit could have certified that ε; 'inconclusive' = the audit could not test the accounted ε "
+                 "(no bound, or too little power); 'violation' = the audit proves more leakage than the accounted "
+                 "or claimed ε allows; 'no guarantee' = the run makes no formal claim.", st["caption"])]
+    story += [CondPageBreak(50 * mm), _p(SECTION_TITLES["summary"], st["h1"]), _summary_table(records, width, st)]
     if summary_figures or summary_notes:
-        story += [CondPageBreak(100 * mm), _p(SECTION_TITLES["comparison"], st["h1"])]
+        story += [CondPageBreak(110 * mm), _p(SECTION_TITLES["comparison"], st["h1"])]
         for caption, path in summary_figures:
-            story.append(KeepTogether([_image(path, width, 92 * mm), _p(caption, st["caption"]),
+            story.append(KeepTogether([_image(path, width * 0.9, 100 * mm), _p(caption, st["caption"]),
                                        Spacer(1, 6)]))
         story += [_p(n, st["small"]) for n in summary_notes]
-    for r in records:
-        story += _run_section(r, (run_figures or {}).get(r.run_id, ()), width, st)
+    shared = len(records) > 1 and all(r.versions == records[0].versions for r in records)
+    for i, r in enumerate(records):
+        story += _run_section(r, (run_figures or {}).get(r.run_id, ()), width, st, letter=_letter(i),
+                              show_versions=not shared)
+    if shared:
+        story += [CondPageBreak(40 * mm), _p(f"Appendix {_letter(len(records))}: {SECTION_TITLES['versions']} "
+                                             "(the same for every run)", st["h1"]),
+                  *_versions_table(records[0].versions, width, st)]
     doc.build(story, canvasmaker=_NumberedCanvas)
     return out
+
+
+def _letter(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else f"A{i}"
 
 
 __all__ = ["write_pdf", "register_fonts", "guarantee_note", "SECTION_TITLES"]

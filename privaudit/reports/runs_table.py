@@ -20,9 +20,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from privaudit.reports.integrity import IntegrityStatus, ledger_integrity, manifest_head as _manifest_head
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld", "prv")
 PRIMARY_ORDER: tuple[str, ...] = ("pld", "prv", "rdp")  # preferred accountant for a single ε value
@@ -117,6 +119,8 @@ class AttackResult:
     epsilon_lower: float | None = None
     epsilon_lower_confidence: float | None = None
     epsilon_lower_method: str | None = None
+    power: float | None = None  # the largest ε_lower this attack's design could certify
+    family_confidence: float | None = None  # the confidence of the audit's maximum (Bonferroni)
 
     @property
     def auc(self) -> float | None:
@@ -185,6 +189,14 @@ class RunRecord:
     # mechanism-specific guarantees from the manifest's privacy section: ``metric_dp`` (PrivTune's
     # metric-DP report), ``against_worker`` and ``released_model`` (HE-LoRA); empty when none
     mechanism_privacy: Mapping[str, Any] = field(default_factory=dict)
+    # the report's ledger-integrity check (reports/integrity.py); not ok: no guarantee is stated
+    integrity: IntegrityStatus | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)  # the manifest's config (for naming runs)
+    headline_accountant: str | None = None  # the one accountant of the whole report (see load_runs)
+    epsilon_lower_power: float | None = None  # the largest ε_lower the audit's design could certify
+    epsilon_lower_power_attack: str | None = None
+    verdict_reason: str | None = None
+    named: bool = True  # False: the manifest names no run, the label is derived from the config
 
     # -- derived ------------------------------------------------------------------------------
     def accountant(self, name: str) -> AccountedEpsilon | None:
@@ -194,17 +206,30 @@ class RunRecord:
         return None
 
     @property
+    def guarantee_refused(self) -> str | None:
+        """Why the report states no guarantee for this run (the ledger fails the integrity check), or None."""
+        if self.integrity is not None and not self.integrity.ok:
+            return self.integrity.reason
+        return None
+
+    @property
     def has_guarantee(self) -> bool | None:
-        """True: a finite ε; False: no formal guarantee (ε = ∞); None: not known (nothing available)."""
-        return _has_guarantee(self.accounted, self.no_guarantee_reason, self.verdict)
+        """True: a finite ε; False: no formal guarantee (ε = ∞); None: not known (nothing available, or
+        the ledger fails the integrity check)."""
+        hg = _has_guarantee(self.accounted, self.no_guarantee_reason, self.verdict)
+        return None if hg is not False and self.guarantee_refused else hg
 
     @property
     def primary_epsilon(self) -> tuple[float | None, str | None]:
-        """(ε, accountant) used where one value is needed: PLD, else PRV, else RDP; ∞ without guarantee."""
+        """(ε, accountant) used where one value is needed: the report's headline accountant, else PLD,
+        else PRV, else RDP; ∞ without guarantee; (None, None) when not available or refused."""
         hg = self.has_guarantee
         if hg is False:
             return math.inf, None
-        for name in PRIMARY_ORDER:
+        if hg is None:
+            return None, None
+        order = PRIMARY_ORDER if self.headline_accountant is None else (self.headline_accountant, *PRIMARY_ORDER)
+        for name in order:
             a = self.accountant(name)
             if a is not None and a.value is not None:
                 return a.value, name
@@ -213,7 +238,8 @@ class RunRecord:
     @property
     def min_certified_upper(self) -> float | None:
         """The smallest ε some accountant certifies (any valid upper bound bounds the true ε)."""
-        return _min_upper(self.accounted, self.has_guarantee)
+        hg = self.has_guarantee
+        return None if hg is None else _min_upper(self.accounted, hg)
 
     @property
     def ledger_intact(self) -> bool:
@@ -304,8 +330,8 @@ def epsilon_over_steps(events: Sequence[Any], delta: float, neighbouring: str, *
                        ) -> tuple[list[tuple[int, float]], str | None]:
     """ε after the first k Gaussian releases, for ``points`` values of k up to the total.
 
-    Uses the first accountant of ``accountants`` that works (RDP first: it is fast, and an upper
-    bound). Returns ([(k, ε)], accountant) or ([], None) when there is no Gaussian event or no
+    Uses the first accountant of ``accountants`` that works (the report's order: PLD, PRV, RDP, so
+    that the curve ends at the headline ε). Returns ([(k, ε)], accountant) or ([], None) when there is no Gaussian event or no
     accountant.
     """
     from privaudit.audit.events import GaussianEvent
@@ -351,8 +377,11 @@ def _claim_status(c: Claim, lower: float | None, lower_delta: float | None,
 
 
 def _recheck(has_guarantee: bool | None, min_upper: float | None, acc_delta: float | None,
-             lower: float | None, lower_delta: float | None, claims: Sequence[Claim]) -> str | None:
-    """Independent verdict from the recomputed ε and the audit's lower bound."""
+             lower: float | None, lower_delta: float | None, claims: Sequence[Claim],
+             power: float | None = None, bound_method: str | None = None) -> str | None:
+    """Independent verdict from the recomputed ε and the audit's lower bound. ``consistent`` needs a
+    computed bound (``bound_method`` not ``"none"``) and the audit's power (the largest ε_lower its
+    design could certify) at least the accounted ε; otherwise ``inconclusive``."""
     if lower is None:
         return None
     refuted = any(c.status.startswith("refuted") for c in claims)
@@ -360,18 +389,23 @@ def _recheck(has_guarantee: bool | None, min_upper: float | None, acc_delta: flo
         return "violation" if refuted else "no guarantee"
     if min_upper is None or acc_delta is None or lower_delta is None or acc_delta > lower_delta:
         return "violation" if refuted else None
-    return "violation" if (lower > min_upper or refuted) else "consistent"
+    if lower > min_upper or refuted:
+        return "violation"
+    if bound_method == "none" or power is None or power < min_upper:
+        return "inconclusive"
+    return "consistent"
 
 
 # --------------------------------------------------------------------------------------- loading
 def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNTANTS,
-                    steps_points: int = 20, steps_accountants: Sequence[str] = ("rdp", "pld", "prv"),
+                    steps_points: int = 20, steps_accountants: Sequence[str] = PRIMARY_ORDER,
                     public_key: Any = None) -> RunRecord:
     """Read one run directory. ``ValueError`` if it does not exist or has no manifest.json.
 
     The ledger is read by :func:`privaudit.audit.ledger.read_ledger` against the manifest (head hash
     and seal) and ``public_key`` when given; its events are used only if it verifies (``intact``):
-    ``ledger_status`` says ``incomplete``/``tampered``/``unreadable`` otherwise, with the reason."""
+    ``ledger_status`` says ``incomplete``/``tampered``/``unreadable`` otherwise, with the reason. The
+    report states a guarantee only when :func:`~privaudit.reports.integrity.ledger_integrity` says so."""
     from privaudit.audit.events import EncryptedEvent
     from privaudit.audit.ledger import read_ledger
 
@@ -417,7 +451,8 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
         ledger_status, ledger_message = "missing", "no ledger.jsonl in the run directory"
         warnings.append("no ledger.jsonl: ε cannot be recomputed or verified")
 
-    manifest_head = _str(manifest.get("ledger_head_hash"))  # compared by read_ledger above
+    integrity = ledger_integrity(p, public_key=public_key)
+    manifest_head = _manifest_head(manifest)  # compared by read_ledger above
 
     # -- identity and privacy setting --------------------------------------------------------
     privacy = manifest.get("privacy") if isinstance(manifest.get("privacy"), Mapping) else {}
@@ -512,6 +547,7 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
             metrics=dict(a.get("metrics")) if isinstance(a.get("metrics"), Mapping) else {},
             fpr=fpr_t, tpr=tpr_t, epsilon_lower=_num(el.get("value")),
             epsilon_lower_confidence=_num(el.get("confidence")), epsilon_lower_method=_str(el.get("method")),
+            power=_num(el.get("power")), family_confidence=_num(el.get("family_confidence")),
         ))
     el_top = audit.get("epsilon_lower") if isinstance(audit.get("epsilon_lower"), Mapping) else {}
     eps_lower = _num(el_top.get("value"))
@@ -523,6 +559,7 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
                       "method": best.epsilon_lower_method, "attack": best.name}
             eps_lower = best.epsilon_lower
     verdict = _str(audit.get("verdict"))
+    power = _num(el_top.get("power"))
 
     # -- claims --------------------------------------------------------------------------------
     raw_claims: list[Claim] = []
@@ -549,7 +586,9 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
     claims = tuple(Claim(c.epsilon, c.delta, c.source, c.scope,
                          _claim_status(c, eps_lower, lower_delta, min_upper, delta))
                    for c in claims_unique)
-    recheck = _recheck(hg, min_upper, delta, eps_lower, lower_delta, claims)
+    refused = None if integrity.ok or hg is False else integrity.reason
+    recheck = None if refused else _recheck(hg, min_upper, delta, eps_lower, lower_delta, claims, power,
+                                            _str(el_top.get("method")))
     if verdict and recheck and verdict != recheck:
         warnings.append(f"audit.json verdict '{verdict}' differs from the report's re-check '{recheck}'")
 
@@ -598,7 +637,10 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
         lora_rank=_int(_get(manifest, "config", "lora", "rank")),
         a_secret=(bool(_get(manifest, "config", "options", "a_secret"))
                   if mechanism == "lora_sketch" else None),
-        mechanism_privacy=mech_privacy,
+        mechanism_privacy=mech_privacy, integrity=integrity,
+        config=dict(manifest["config"]) if isinstance(manifest.get("config"), Mapping) else {},
+        epsilon_lower_power=power, epsilon_lower_power_attack=_str(el_top.get("power_attack")),
+        verdict_reason=_str(audit.get("verdict_reason")), named=_str(manifest.get("name")) is not None,
     )
 
 
@@ -637,6 +679,9 @@ def load_runs(run_dirs: Iterable[str | Path], *, progress: Callable[[str], None]
         if progress:
             progress(f"loading run {i}/{len(dirs)}: {d}")
         records.append(load_run_record(d, **kwargs))
+    records = name_runs(records)
+    acc = headline_accountant(records)
+    records = [replace(r, headline_accountant=acc) for r in records]
     labels = [r.label for r in records]
     if len(set(labels)) != len(labels):  # make labels unique for legends and tables
         records = [_relabel(r, f"{r.label} ({r.run_id[:8]})") if labels.count(r.label) > 1 else r
@@ -648,9 +693,73 @@ def load_runs(run_dirs: Iterable[str | Path], *, progress: Callable[[str], None]
 
 
 def _relabel(r: RunRecord, label: str) -> RunRecord:
-    from dataclasses import replace
-
     return replace(r, label=label)
+
+
+def headline_accountant(records: Sequence[RunRecord]) -> str | None:
+    """The one accountant of a report: among those that give a finite ε for every run with a guarantee,
+    the tightest (smallest total ε; ties in the order PLD, PRV, RDP). None when no accountant covers
+    every such run (each run then falls back to PLD, else PRV, else RDP)."""
+    runs = [r for r in records if r.has_guarantee is True]
+    best: tuple[float, int, str] | None = None
+    for i, name in enumerate(PRIMARY_ORDER):
+        vals = [r.accountant(name).value if r.accountant(name) is not None else None for r in runs]  # type: ignore[union-attr]
+        if not runs or any(v is None or not math.isfinite(v) for v in vals):
+            continue
+        key = (sum(vals), i, name)  # type: ignore[arg-type]
+        if best is None or key < best:
+            best = key
+    return best[2] if best else None
+
+
+_LABEL_SKIP = ("seed", "noise_seed", "output", "name")
+_LABEL_NAMES = {"lora.rank": "rank", "lora.alpha": "α", "privacy.target_epsilon": "target ε",
+                "privacy.noise_multiplier": "σ", "training.steps": "steps", "training.learning_rate": "lr",
+                "options.a_secret": "A secret", "privacy.clip_norm": "clip"}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    text = str(v)
+    return text if len(text) <= 24 else text[:23] + "…"
+
+
+def name_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
+    """Runs whose manifest names none get a label from what distinguishes them: the mechanism, the
+    privacy level (non-private, target ε or σ) and up to three config values that differ between the
+    runs (e.g. ``dp_lora, target ε = 4, rank = 8``), never a hex run id."""
+    flat = [_flatten(r.config) for r in records]
+    keys = sorted({k for f in flat for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1
+                 and not k.startswith("privacy.") and k.rsplit(".", 1)[-1] not in _LABEL_SKIP]
+    out = []
+    for r, f in zip(records, flat):
+        if r.named:
+            out.append(r)
+            continue
+        parts = [r.mechanism]
+        target, sigma = f.get("privacy.target_epsilon"), f.get("privacy.noise_multiplier")
+        if r.has_guarantee is False or sigma == 0:
+            parts.append("non-private" if sigma == 0 else "no guarantee")
+        elif isinstance(target, (int, float)):
+            parts.append(f"target ε = {target:g}")
+        elif isinstance(sigma, (int, float)):
+            parts.append(f"σ = {sigma:g}")
+        parts += [f"{_LABEL_NAMES.get(k, k.rsplit('.', 1)[-1])} = {_short(f.get(k))}" for k in differing[:3]]
+        out.append(replace(r, label=", ".join(parts)))
+    return out
 
 
 # --------------------------------------------------------------------------------------- tables
@@ -684,7 +793,10 @@ def run_row(r: RunRecord) -> dict[str, Any]:
                                      for c in r.claims) or None,
         "epsilon_lower": r.epsilon_lower, "epsilon_lower_confidence": r.epsilon_lower_confidence,
         "epsilon_lower_method": r.epsilon_lower_method, "epsilon_lower_attack": r.epsilon_lower_attack,
+        "epsilon_lower_power": r.epsilon_lower_power,
         "verdict": r.verdict, "recheck": r.recheck, "ledger_status": r.ledger_status,
+        "ledger_integrity": r.integrity.state if r.integrity else None,
+        "guarantee_refused": r.guarantee_refused,
         "ledger_head": r.ledger_head, "warnings": " | ".join(r.warnings) or None,
     })
     md = r.mechanism_privacy.get("metric_dp") or {}
@@ -716,7 +828,7 @@ def attack_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
                 row[k] = v if isinstance(v, (int, float, str)) or v is None else json.dumps(v)
             row.update({"epsilon_lower": a.epsilon_lower,
                         "epsilon_lower_confidence": a.epsilon_lower_confidence,
-                        "epsilon_lower_method": a.epsilon_lower_method})
+                        "epsilon_lower_method": a.epsilon_lower_method, "epsilon_lower_power": a.power})
             rows.append(row)
     return rows
 

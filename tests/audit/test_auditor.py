@@ -145,7 +145,11 @@ def test_dp_run_at_epsilon_one_auc_interval_contains_half(tmp_path: Path) -> Non
     lo, hi = res.attack("loss").metrics["auc_ci"]
     assert lo < 0.5 < hi
     assert res.accounted["epsilon"]["pld"] == pytest.approx(1.0, abs=0.01)
-    assert res.verdict == "consistent", res.verdict_reason
+    # few canaries: even perfect guesses could not certify ε = 1, so the audit cannot say "consistent"
+    power = res.epsilon_lower["power"]
+    assert power is not None and 0 < power < res.accounted["compared"]["epsilon"]
+    assert res.attack("canary_membership").to_json()["epsilon_lower"]["power"] == power
+    assert res.verdict == "inconclusive" and "could certify at most" in res.verdict_reason, res.verdict_reason
     assert res.epsilon_lower["value"] <= res.accounted["compared"]["epsilon"]
     assert res.settings["n_members_scored"] == res.settings["n_nonmembers_scored"] == 100
 
@@ -248,7 +252,7 @@ def test_observer_without_a_registered_attack_is_reported(server_run: Path, monk
     res = audit_run(server_run)
     assert res.observer == "server" and res.attacks == ()
     assert any("no attack is registered for the observer 'server'" in n for n in res.settings["notes"])
-    assert res.verdict == "consistent" and "nothing was tested" in res.verdict_reason
+    assert res.verdict == "inconclusive" and "nothing was tested" in res.verdict_reason
     assert res.epsilon_lower["value"] == 0.0 and res.epsilon_lower["n_bounds"] == 0
     with pytest.raises(ValueError, match="^attacks: loss cannot run"):
         audit_run(server_run, attacks=["loss"], _write=False)
@@ -383,3 +387,22 @@ def test_planted_sampling_and_clipping_bugs_are_violations(bug: str, tmp_path: P
     assert res.accounted["epsilon"]["pld"] == pytest.approx(1.0, abs=0.01)
     assert res.verdict == "violation", (res.verdict_reason, res.epsilon_lower)
     assert res.epsilon_lower["value"] > 1.5 * res.accounted["compared"]["epsilon"]
+
+
+def test_exposure_nll_without_the_shared_prefix_keeps_every_rank() -> None:
+    """The exposure attack skips the logits of the tokens all candidates share: a constant per text."""
+    import torch
+
+    from privaudit.mechanisms.training import build_model
+
+    cfg = parse_config({"task": "causal_lm", "model": TINY_MODEL, "lora": {"rank": 2, "alpha": 4},
+                        "training": {"steps": 1, "batch_size": 4}, "privacy": {"noise_multiplier": 1.0}})
+    torch.manual_seed(0)
+    model, tok = build_model(cfg, 2, torch.device("cpu"))
+    texts = [f"Note from James: my PIN is {i:04d}." for i in range(0, 9999, 97)]
+    assert auditor._shared_prefix_tokens(model, tok, texts, cfg.model.max_length) >= 5
+    full = auditor._sequence_nll(model, tok, texts, cfg, torch.device("cpu"))
+    fast = auditor._sequence_nll(model, tok, texts, cfg, torch.device("cpu"), drop_shared_prefix=True)
+    shift = full - fast
+    assert shift.min() > 0 and shift.max() - shift.min() < 1e-3  # the same constant for every text
+    assert list(np.argsort(full, kind="stable")) == list(np.argsort(fast, kind="stable"))

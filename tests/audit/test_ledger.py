@@ -265,3 +265,11 @@ def test_writer_killed_mid_append_leaves_verifiable_ledger(tmp_path: Path) -> No
     assert verify_ledger(path).ok
     # Every append that returned (was acknowledged) is on disk: write-ahead.
     assert total >= acknowledged + 1
+
+
+def test_create_rejects_a_mistyped_header_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^target_detla: unknown header field \(did you mean 'target_delta'\?\)"):
+        Ledger.create(tmp_path / "l.jsonl", target_detla=1e-5)
+    assert not (tmp_path / "l.jsonl").exists()
+    with Ledger.create(tmp_path / "ok.jsonl", target_delta=1e-5, he_lora={"mode": "x"}) as led:  # extras stay allowed
+        assert led.header.target_delta == 1e-5

@@ -77,7 +77,8 @@ def test_mode_trains_verifies_and_audits(tmp_path: Path, mode: str, two_threads:
     names = {a.name for a in audit.attacks}
     assert {"client_update_membership", "client_update_canaries", "global_loss",
             "global_canary_membership"} <= names
-    assert audit.verdict == "consistent", audit.verdict_reason
+    # small noise: ε is far above what 8 canaries could certify, so the audit cannot say "consistent"
+    assert audit.verdict == "inconclusive" and "could certify at most" in audit.verdict_reason, audit.verdict_reason
     assert (rd / "audit.json").exists()
 
 

@@ -171,7 +171,7 @@ def make_four_runs(root: Path, use_accountants: bool = False) -> list[Path]:
         audit={"accounted": {"delta": DELTA, "epsilon": {"pld": 1.704}}, "claimed": [],
                "attacks": [_attack("loss", 0.52, (0.49, 0.55), 0.001, 0.011, eps_lower=0.12)],
                "epsilon_lower": {"value": 0.12, "confidence": 0.95, "method": "clopper_pearson",
-                                 "attack": "loss"},
+                                 "attack": "loss", "power": 12.0, "power_attack": "loss"},
                "verdict": "consistent", "created": "2025-01-01T01:00:00+00:00"})
     dp_weak = make_run(
         root, "dp-weak", mechanism="dp_lora", noise=0.6, q=0.02, utility=("accuracy", 0.88),
@@ -181,8 +181,8 @@ def make_four_runs(root: Path, use_accountants: bool = False) -> list[Path]:
                "attacks": [_attack("loss", 0.58, (0.55, 0.61), 0.004, 0.02, roc=True),
                            _attack("rmia", 0.61, (0.58, 0.64), 0.006, 0.03, roc=True, eps_lower=0.85)],
                "epsilon_lower": {"value": 0.85, "confidence": 0.95, "method": "clopper_pearson",
-                                 "attack": "rmia"},
-               "verdict": "consistent", "created": "2025-01-01T01:00:00+00:00"})
+                                 "attack": "rmia", "power": 1.56, "power_attack": "rmia"},
+               "verdict": "inconclusive", "created": "2025-01-01T01:00:00+00:00"})
     claim = ClaimEvent(epsilon=1.0, delta=DELTA, scope="per run", source="sketching paper")
     sketch = make_run(
         root, "sketch-claim", mechanism="lora_sketch", utility=("perplexity", 23.5), task="causal_lm",

@@ -27,7 +27,8 @@ from tests.reports.conftest import (
     run_tool,
 )
 
-PER_RUN_SECTIONS = ("details", "verdict", "accountants", "claims", "attacks", "ledger", "versions", "guarantee")
+PER_RUN_SECTIONS = ("details", "verdict", "accountants", "attacks", "ledger", "guarantee")
+HEX_ID = re.compile(r"\b[0-9a-f]{32}\b")
 
 
 def _text(pdf: Path) -> str:
@@ -50,11 +51,14 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> ReportOutputs:
 @requires_poppler
 def test_pdf_sections_and_epsilons(report: ReportOutputs) -> None:
     text = _text(report.pdf)
-    for key in ("summary", "comparison"):
+    for key in ("executive", "summary", "comparison"):
         assert SECTION_TITLES[key] in text
     for key in PER_RUN_SECTIONS:
-        assert text.count(SECTION_TITLES[key]) >= 4, key  # one per run section
-    assert text.count("Run: ") == 4
+        assert text.count(SECTION_TITLES[key]) >= 4, key  # one per run appendix
+    assert text.count(SECTION_TITLES["claims"]) == 1  # only the run with a claim
+    assert text.count(SECTION_TITLES["versions"]) == 1  # the same for every run: one appendix
+    for i, label in enumerate(("baseline", "dp-strong", "dp-weak", "sketch-claim")):
+        assert f"Appendix {'ABCD'[i]}: {label}" in text
     by_label = {r.label: r for r in report.records}
     # recomputed ε (checked against the fake accountants' formula) appear as formatted
     for label, events in (("dp-strong", DP_STRONG_EVENTS), ("dp-weak", DP_WEAK_EVENTS)):
@@ -72,7 +76,9 @@ def test_pdf_sections_and_epsilons(report: ReportOutputs) -> None:
     assert "refuted by audit (ε_lower 2.400 > claimed)" in text
     for v in ("3.100", "0.120", "0.850", "2.400", "1.000"):
         assert v in text
-    assert re.search(r"violation\s+violation", text)
+    for label, verdict in (("baseline", "no guarantee"), ("dp-strong", "consistent"), ("dp-weak", "inconclusive"),
+                           ("sketch-claim", "violation")):
+        assert f"{label} [{verdict}]" in text
     # ledger head hash and library versions
     for r in report.records:
         assert r.ledger_head and r.ledger_head in text
@@ -113,7 +119,8 @@ def test_side_outputs(report: ReportOutputs) -> None:
     fig_dir = out_dir / "report_figures"
     names = {p.name for p in fig_dir.glob("*.png")}
     assert {"eps_vs_utility.png", "attack_success_vs_eps.png", "empirical_vs_accounted.png",
-            "eps_over_steps.png", "roc_dp-weak.png", "eps_over_steps_dp-strong.png"} <= names
+            "eps_over_steps.png", "roc_dp-weak.png"} <= names
+    assert not any(n.startswith("eps_over_steps_") for n in names)  # each figure once, not again per run
     for p in report.figures.values():
         assert p.stat().st_size > 5000 and imread(p).shape[0] > 200
     with open(report.runs_csv, newline="") as fh:
@@ -127,7 +134,7 @@ def test_side_outputs(report: ReportOutputs) -> None:
     data = json.loads(report.runs_json.read_text())
     assert len(data["runs"]) == 4
     weak = data["runs"][2]
-    assert weak["epsilon_over_steps"]["accountant"] == "rdp" and len(weak["epsilon_over_steps"]["steps"]) == 10
+    assert weak["epsilon_over_steps"]["accountant"] == "pld" and len(weak["epsilon_over_steps"]["steps"]) == 10
     assert [a["accountant"] for a in weak["accountants"]] == ["rdp", "pld", "prv"]
     assert data["runs"][3]["claims"][0]["status"].startswith("refuted")
 
@@ -187,4 +194,71 @@ def test_real_accountants_recompute(tmp_path: Path) -> None:
             assert a is not None and a.recomputed == pytest.approx(expected) and not a.mismatch
             if text:
                 assert format_epsilon(expected) in text
-        assert r.eps_over_steps[-1][1] == pytest.approx(r.accountant("rdp").recomputed)  # type: ignore[union-attr]
+        # the curve is in the report's headline accountant and ends at the headline ε
+        assert r.eps_over_steps_accountant == r.headline_accountant == "pld"
+        assert r.eps_over_steps[-1][1] == pytest.approx(r.accountant("pld").recomputed)  # type: ignore[union-attr]
+
+
+def _page_text(pdf: Path, page: int) -> str:
+    return " ".join(run_tool("pdftotext", "-f", str(page), "-l", str(page), str(pdf), "-").split())
+
+
+@requires_poppler
+def test_page_one_is_a_plain_language_summary(report: ReportOutputs) -> None:
+    page1 = _page_text(report.pdf, 1)
+    assert "Executive summary" in page1
+    for q in ("what was trained", "guarantee", "utility cost", "strongest attack", "empirical lower bound",
+              "verdict", "ledger integrity"):
+        assert page1.count(q) >= 4, q  # once per run
+    weak_eps = format_epsilon(fake_epsilon(DP_WEAK_EVENTS, "pld"))
+    assert f"(ε = {weak_eps}, δ = 1e-05)-differential privacy (PLD accountant)" in page1
+    assert "accuracy 0.880 against 0.910 without privacy (baseline)" in page1
+    assert "rmia: AUC 0.610 (95% CI 0.580 to 0.640)" in page1 and "3.0% of members" in page1
+    assert "the most this audit's design could certify is 1.560" in page1
+    assert "INCONCLUSIVE: the accounted ε = " + weak_eps in page1
+    assert "no formal guarantee: plaintext release" in page1
+    assert page1.count("verified: the hash chain verifies") == 4
+    assert "LEDGER INTEGRITY FAILED" not in page1
+    assert not HEX_ID.search(page1), HEX_ID.search(page1)
+
+
+@requires_poppler
+def test_visual_check_pages_figures_and_no_raw_dumps(report: ReportOutputs, tmp_path: Path) -> None:
+    """Render the pages: a bounded page count, every figure distinct, no raw dict dumps anywhere."""
+    import hashlib
+
+    pages = int(re.search(r"Pages:\s+(\d+)", run_tool("pdfinfo", str(report.pdf))).group(1))  # type: ignore[union-attr]
+    assert 4 <= pages <= 10, pages  # 4 runs: page 1, tables and figures that fill pages, appendices
+    run_tool("pdftoppm", "-r", "40", "-png", str(report.pdf), str(tmp_path / "pg"))
+    assert len(list(tmp_path.glob("pg-*.png"))) == pages
+    digests = {name: hashlib.sha256(imread(p).tobytes()).hexdigest() for name, p in report.figures.items()}
+    assert len(set(digests.values())) == len(digests), digests  # no figure twice
+    listed = [ln.split() for ln in run_tool("pdfimages", "-list", str(report.pdf)).splitlines()[2:]]
+    images = [x for x in listed if x[2] == "image"]  # (each PNG's alpha channel is listed as an "smask")
+    assert len(images) == len(report.figures)  # each figure in the PDF exactly once
+    text = _text(report.pdf)
+    assert "{'" not in text and "{\"" not in text
+
+
+@requires_poppler
+def test_dict_metrics_are_summarised_not_dumped(tmp_path: Path) -> None:
+    from tests.reports.conftest import DELTA, make_run
+    from privaudit.audit.events import GaussianEvent
+
+    exposures = {f"canary-{i:03d}": 1.234567891 * i for i in range(200)}
+    audit = {"accounted": {"delta": DELTA, "epsilon": {}}, "claimed": [],
+             "attacks": [{"name": "canary_exposure", "kind": "canary",
+                          "metrics": {"auc": 0.6123456789, "auc_ci": [0.5, 0.7], "exposures": exposures,
+                                      "exposure_max": 7.123456789, "candidates_per_canary": 1000}}],
+             "epsilon_lower": {"value": 0.0, "method": "none"}, "verdict": "inconclusive"}
+    with pytest.MonkeyPatch.context() as mp:
+        install_fake_accountants(mp)
+        d = make_run(tmp_path, "exposure", mechanism="dp_lora", noise=1.0, q=0.01, audit=audit,
+                     events=[GaussianEvent(noise_multiplier=1.0, sample_rate=0.01, count=10)],
+                     eps_fallback={"rdp": 0.2, "pld": 0.1, "prv": 0.1})
+        out = build_report([d], tmp_path / "one.pdf", steps_points=0)
+    text = _text(out.pdf)
+    assert "canary-001" not in text and "{'" not in text and "1.234567891" not in text
+    assert "exposure max 7.123" in text and "(+1 more in the attacks CSV)" in text
+    assert "0.612" in text and "0.6123456789" not in text
+    assert "INCONCLUSIVE: no attack had the power to produce an ε lower bound" in text

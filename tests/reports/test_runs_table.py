@@ -114,15 +114,15 @@ def test_recomputed_from_ledger_and_fail_closed_on_mismatch(runs: dict[str, Path
 def test_eps_over_steps_on_prefixes(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     install_fake_accountants(monkeypatch)
     r = load_run_record(runs["dp-strong"], steps_points=20)
-    assert r.eps_over_steps_accountant == "rdp"
+    assert r.eps_over_steps_accountant == "pld"  # the report's headline accountant, not RDP
     steps = [k for k, _ in r.eps_over_steps]
     eps = [e for _, e in r.eps_over_steps]
     assert steps == sorted(steps) and steps[-1] == 300 and len(steps) == 20
     assert all(b >= a for a, b in zip(eps, eps[1:]))
-    assert eps[-1] == pytest.approx(fake_epsilon(DP_STRONG_EVENTS, "rdp"))
+    assert eps[-1] == pytest.approx(fake_epsilon(DP_STRONG_EVENTS, "pld"))
     # at step 150: 100 steps at sigma 1.3 and 50 at sigma 1.1
     k150 = dict(r.eps_over_steps)[150]
-    assert k150 == pytest.approx(1.1 * (100 * 0.02 / 1.3 + 50 * 0.02 / 1.1))
+    assert k150 == pytest.approx(1.0 * (100 * 0.02 / 1.3 + 50 * 0.02 / 1.1))
 
 
 def test_prefix_events_truncates_and_keeps_order() -> None:

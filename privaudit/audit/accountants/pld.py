@@ -128,7 +128,7 @@ def _ndtr(x: np.ndarray) -> np.ndarray:
 
 def _u(t: np.ndarray, q: float) -> np.ndarray:
     """log((e^t − (1 − q)) / q): the unsubsampled loss whose subsampled loss is t (NaN below)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # +inf for huge t is exact enough
         if q >= 1.0:
             return np.asarray(t, dtype=float).copy()
         return np.log(np.expm1(t) + q) - math.log(q)
@@ -292,7 +292,8 @@ def discretise_pessimistic(spec: PairSpec, grid: float, z: float = _Z_TAIL) -> D
     p = _interval_masses(pg)
     r = _interval_masses(qg)
     em = -math.expm1(-grid)
-    with np.errstate(divide="ignore"):
+    # for huge ε, e^t overflows (inf · 0 = NaN where r = 0): silenced, numerics unchanged
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         r_scaled = np.exp(np.log(np.maximum(r, _TINY)) + t[:-1]) * (r > 0)
     wa = np.clip((r_scaled - p * math.exp(-grid)) / em, 0.0, p)
     w = np.zeros(t.size)

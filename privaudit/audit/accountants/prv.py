@@ -263,14 +263,15 @@ class PRVAccountant(RDPDomainAccountant):
             if n > _MAX_POINTS:
                 raise ValueError(
                     f"eps_error: {self.eps_error} needs a PRV mesh of {n} points for {k} releases; "
-                    "use a larger eps_error or the pld accountant")
+                    "use the pld accountant (CLI: --accountant pld) or PRVAccountant(eps_error=...) with a larger value")
             try:
                 discs = [(discretise_cell_centred(p, h, j_min, j_min + n - 1, z), cnt)
                          for p, cnt in _merge(items)]
                 c = compose(discs, window=(j_min, n), lambdas=_CHERNOFF)
             except _GridTooFine as exc:  # huge ε: the composition does not fit the mesh
                 raise ValueError(f"eps_error: {self.eps_error} is too fine a PRV mesh for {k} releases "
-                                 f"({exc}); use a larger eps_error or the pld accountant") from None
+                                 f"({exc}); use the pld accountant (CLI: --accountant pld) or "
+                                 "PRVAccountant(eps_error=...) with a larger value") from None
             if c.above + c.below <= delta_error / 4:
                 c.mean_slack = sum(cnt * d.mean_error for d, cnt in discs)  # type: ignore[attr-defined]
                 c.mass_slack = sum(cnt * max(1.0 - float(d.pmf.sum()), 0.0)  # type: ignore[attr-defined]
