@@ -239,14 +239,15 @@ def _wanted(attacks: Sequence[str] | None, known: Sequence[str], has_ref: bool) 
 
 
 def llm_scores(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 16,
-               reference: Any = None, attacks: Sequence[str] | None = None, k: float = 0.2,
-               max_length: int = 512) -> dict[str, NDArray[np.float64]]:
+               reference: Any = None, reference_tokenizer: Any = None, attacks: Sequence[str] | None = None,
+               k: float = 0.2, max_length: int = 512) -> dict[str, NDArray[np.float64]]:
     """Per-record membership scores of a causal LM, ``{attack: array(len(texts))}``, higher = member.
 
     One scoring pass of ``model`` (with vocabulary statistics only when ``min_k_pp`` is wanted), one
     of the reference when ``ref`` is wanted, one over lower-cased texts when ``lowercase`` is.
-    ``reference``: None, another causal LM (same tokenizer), or ``"base"`` (the PEFT ``model`` with its
-    adapter disabled). ``attacks``: a subset of :data:`CAUSAL_LM_ATTACKS` (default: all that apply).
+    ``reference``: None, another causal LM (tokenized with ``reference_tokenizer``, default: the
+    target's tokenizer; losses are per token of each model's own tokenization), or ``"base"`` (the PEFT
+    ``model`` with its adapter disabled). ``attacks``: a subset of :data:`CAUSAL_LM_ATTACKS` (default: all that apply).
     ``k``: the Min-K% fraction. Also returns ``n_tokens`` (predicted tokens per record).
     """
     texts = _check_texts(texts)
@@ -276,7 +277,8 @@ def llm_scores(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: 
             with adapter_disabled(model) as base:
                 ref = token_scores(base, tokenizer, texts, batch_size=batch_size, max_length=max_length)
         else:
-            ref = token_scores(reference, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+            ref = token_scores(reference, reference_tokenizer if reference_tokenizer is not None else tokenizer,
+                               texts, batch_size=batch_size, max_length=max_length)
         out["ref"] = loss - loss_score(ref.logprobs)  # loss_ref − loss_target
     out["n_tokens"] = ts.n_tokens.astype(np.float64)
     return out
@@ -324,8 +326,8 @@ def classifier_scores(model: Any, tokenizer: Any, texts: Sequence[str], labels: 
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             batch = encode_batch(tokenizer, texts[start:start + batch_size], max_length, device=device)
-            batch.pop("token_type_ids", None) if "token_type_ids" not in getattr(
-                tokenizer, "model_input_names", ["token_type_ids"]) else None
+            if not hasattr(getattr(model, "config", None), "type_vocab_size"):  # decoders: no segment ids
+                batch.pop("token_type_ids", None)
             logits = model(**batch).logits.float()
             probs.append(torch.softmax(logits, dim=-1).double().cpu().numpy())
     out = classifier_scores_from_probs(np.concatenate(probs), y)

@@ -202,7 +202,7 @@ class AttackResult:
         return out
 
 
-Verdict = Literal["consistent", "violation", "no guarantee"]
+Verdict = Literal["consistent", "violation", "no guarantee", "inconclusive"]  # inconclusive: no valid bound
 
 
 @dataclass(frozen=True)
