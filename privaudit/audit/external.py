@@ -929,3 +929,26 @@ def _versions() -> dict[str, str]:
     from privaudit.runs import library_versions
 
     return library_versions()
+
+
+def audit_from_cli(*, run_dir: Path | None, model: str | None, adapter: Path | None, members: Path | None,
+                   non_members: Path | None, out_dir: Path | None, text_column: str, label_column: str | None,
+                   reference_model: str | None, epsilon: float | None, delta: float | None, ledger: Path | None,
+                   canaries: Path | None, members_by_coin_flip: bool, attacks: str | None, confidence: float,
+                   max_records: int | None, batch_size: int, seed: int, quiet: bool) -> AuditResult:
+    """``privaudit audit --model ...``: check the option combination, then :func:`audit_model`.
+    Every problem is a ``ValueError`` naming the option (the CLI prints it as one line, exit 2)."""
+    if run_dir is not None:
+        raise ValueError(f"RUN_DIR: give either a run directory ({run_dir}) or --model/--adapter, not both")
+    for opt, val in (("--members", members), ("--non-members", non_members), ("-o/--output", out_dir)):
+        if val is None:
+            raise ValueError(f"{opt}: required when auditing a model (--model/--adapter)")
+    ref: Any = "auto" if reference_model is None else reference_model
+    if isinstance(ref, str) and ref.lower() in ("none", "base"):
+        ref = ref.lower()
+    say = None if quiet else (lambda msg: print(f"audit: {msg}", file=__import__("sys").stderr, flush=True))
+    return audit_model(model, None, members, non_members, adapter=adapter, reference=ref, text_column=text_column,
+                       label_column=label_column, epsilon=epsilon, delta=delta, ledger=ledger, canaries=canaries,
+                       members_by_coin_flip=members_by_coin_flip, attacks=attacks, confidence=confidence,
+                       max_records=1000 if max_records is None else max_records, batch_size=batch_size, seed=seed,
+                       out_dir=out_dir, progress=say)

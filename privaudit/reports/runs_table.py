@@ -523,6 +523,8 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
                       "method": best.epsilon_lower_method, "attack": best.name}
             eps_lower = best.epsilon_lower
     verdict = _str(audit.get("verdict"))
+    if eps_lower is None and _str(el_top.get("reason")):  # e.g. a checkpoint audit without fair-coin membership
+        warnings.append(f"no empirical ε lower bound: {el_top.get('reason')}")
 
     # -- claims --------------------------------------------------------------------------------
     raw_claims: list[Claim] = []

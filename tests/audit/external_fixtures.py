@@ -29,20 +29,38 @@ def make_texts(n: int, seed: int) -> list[str]:
     return out
 
 
-def build_base(out_dir: str | Path, seed: int = 0, pretrain_texts: list[str] | None = None,
-               pretrain_epochs: int = 0) -> Path:
-    """A tiny GPT-2 (2 layers, width 64, the bundled MiniLM word-piece tokenizer) saved as a
-    safetensors folder with its tokenizer; optionally pre-trained (all weights) on public texts."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+def build_tokenizer() -> "PreTrainedTokenizerFast":
+    """A word-level tokenizer over the records' vocabulary (digits one by one), small enough that a
+    tiny model trains in seconds; BOS prepended, no EOS (as GPT-2 tokenizers do)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    from privaudit.models import minilm_path  # only to find the bundled tokenizer files
+    words = ["[UNK]", "[PAD]", "[BOS]", "[EOS]"] + [str(d) for d in range(10)] + sorted(
+        set(_FIRST + _LAST + _CITY + _COND + ["from", "born", "treated", "for", "card", ",", ".", "my", "pin", "is",
+                                              "the", "code", "of"]))
+    vocab = {w: i for i, w in enumerate(words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                pre_tokenizers.Digits(individual_digits=True)])
+    tk.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    from tokenizers import decoders
+
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
+                                   eos_token="[EOS]")
+
+
+def build_base(out_dir: str | Path, seed: int = 0, pretrain_texts: list[str] | None = None,
+               pretrain_epochs: int = 0, *, with_pad: bool = True) -> Path:
+    """A tiny GPT-2 (2 layers, width 64, word-level tokenizer) saved as a safetensors folder with its
+    tokenizer; optionally pre-trained (all weights) on public texts."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     out = Path(out_dir)
-    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
-    tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
+    tok = build_tokenizer()
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=64, n_layer=2, n_head=4,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=128, n_layer=2, n_head=4,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = GPT2LMHeadModel(cfg)
     if pretrain_texts and pretrain_epochs:

@@ -1,0 +1,187 @@
+"""External audits: any checkpoint (HF folder, PEFT adapter) against member / non-member files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from privaudit.cli import main
+from tests.audit.external_fixtures import build_base, make_texts, train_lora_plain
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what the fixtures printed
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny untrained base (safetensors folder), a one-epoch adapter and small data files."""
+    d = tmp_path_factory.mktemp("ext")
+    base = build_base(d / "base", seed=0)
+    texts = make_texts(40, 5)
+    members, non = texts[:20], texts[20:]
+    adapter = train_lora_plain(base, members, d / "adapter", epochs=1, rank=4)
+    return {"dir": d, "base": base, "adapter": adapter,
+            "members": _jsonl(d / "members.jsonl", [{"text": t} for t in members]),
+            "non": _jsonl(d / "non.jsonl", [{"text": t} for t in non])}
+
+
+def test_api_and_cli_write_audit_and_manifest(small: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from privaudit import audit_model
+    from privaudit.reports.runs_table import load_run_record
+
+    members = [json.loads(x)["text"] for x in small["members"].read_text().splitlines()]
+    non = [json.loads(x)["text"] for x in small["non"].read_text().splitlines()]
+    res = audit_model(str(small["base"]), None, members, non, adapter=small["adapter"], n_bootstrap=20)
+    names = [a.name for a in res.attacks]
+    assert names == ["loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref"]
+    assert res.verdict == "inconclusive" and "fair coins" in res.verdict_reason
+    assert res.epsilon_lower["value"] is None and all(a.epsilon_lower is None for a in res.attacks)
+    assert res.path is None  # nothing written without out_dir
+
+    out = tmp_path / "out"
+    rc, stdout, err = _cli(["audit", "--model", str(small["base"]), "--adapter", str(small["adapter"]),
+                            "--members", str(small["members"]), "--non-members", str(small["non"]),
+                            "-o", str(out), "--json", "--attacks", "loss,ref"], capsys)
+    assert rc == 0, err
+    audit = json.loads(stdout)
+    assert [a["name"] for a in audit["attacks"]] == ["loss", "ref"]
+    for a in audit["attacks"]:
+        m = a["metrics"]
+        assert 0 <= m["auc"] <= 1 and len(m["auc_ci"]) == 2 and "tpr_at_0.1%_fpr" in m and "tpr_at_1%_fpr" in m
+        assert a["roc"]["fpr"][0] == 0.0
+    # the API's loss AUC equals the CLI's (same scoring pass, same data)
+    assert audit["attacks"][0]["metrics"]["auc"] == pytest.approx(res.attack("loss").metrics["auc"])
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["audited"]["model"]["adapter"]["sha256"]
+    assert man["data"]["members"]["file_sha256"] and man["membership_decided_by"]["records"].startswith("the user's")
+    rec = load_run_record(out)  # `privaudit report OUT_DIR` reads it like a run
+    assert rec.verdict == "inconclusive" and rec.has_audit
+    assert any("no empirical ε lower bound" in w for w in rec.warnings)
+
+
+def test_coin_flip_gives_bound_and_claim_is_checked(small: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                    tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    rc, stdout, err = _cli(["audit", "--model", str(small["base"]), "--adapter", str(small["adapter"]),
+                            "--members", str(small["members"]), "--non-members", str(small["non"]), "-o", str(out),
+                            "--members-by-coin-flip", "--attacks", "loss", "--epsilon", "1", "--delta", "1e-5",
+                            "--json"], capsys)
+    assert rc == 0, err
+    audit = json.loads(stdout)
+    assert audit["attacks"][0]["epsilon_lower"]["method"].startswith("one_run")
+    assert audit["epsilon_lower"]["value"] is not None
+    assert audit["claimed"][0]["status"] in ("refuted", "not refuted")
+
+
+@pytest.mark.parametrize("case", ["no_column", "empty", "overlap", "pickle", "mismatch", "missing_model",
+                                  "unknown_attack", "no_output", "run_dir_and_model"])
+def test_bad_input_one_line_exit_2_nothing_written(case: str, small: dict[str, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    model, adapter = str(small["base"]), str(small["adapter"])
+    members, non = str(small["members"]), str(small["non"])
+    extra: list[str] = []
+    expect = ""
+    if case == "no_column":
+        extra, expect = ["--text-column", "body"], "column 'body' not found"
+    elif case == "empty":
+        (tmp_path / "e.jsonl").write_text("")
+        non, expect = str(tmp_path / "e.jsonl"), "non_members"
+    elif case == "overlap":
+        rows = [json.loads(x) for x in small["members"].read_text().splitlines()[:3]] + [{"text": "kofi park ."}]
+        non, expect = str(_jsonl(tmp_path / "n.jsonl", rows)), "3 distinct texts"
+    elif case == "pickle":
+        d = tmp_path / "pk"
+        d.mkdir()
+        (d / "config.json").write_text((small["base"] / "config.json").read_text())
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+        model, adapter, expect = str(d), None, "pytorch_model.bin is a pickle-based checkpoint"
+    elif case == "mismatch":
+        other = build_base(tmp_path / "other", seed=1)
+        cfg = json.loads((other / "config.json").read_text())
+        cfg["n_embd"] = 32
+        (other / "config.json").write_text(json.dumps(cfg))
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(**{k: v for k, v in cfg.items() if k not in ("architectures",)})).save_pretrained(
+            str(other), safe_serialization=True)
+        model, expect = str(other), "does not fit the base model"
+    elif case == "missing_model":
+        model, adapter, expect = "no-such-org/no-such-model", None, "neither a local directory nor in the local"
+    elif case == "unknown_attack":
+        extra, expect = ["--attacks", "loss,bogus"], "unknown attack 'bogus'"
+    elif case == "no_output":
+        out, expect = None, "-o/--output: required"  # type: ignore[assignment]
+    elif case == "run_dir_and_model":
+        extra, expect = [str(tmp_path)], "either a run directory"
+    args = ["audit", "--quiet", "--model", model, "--members", members, "--non-members", non] + extra
+    if adapter:
+        args += ["--adapter", adapter]
+    if out is not None:
+        args += ["-o", str(out)]
+    rc, stdout, err = _cli(args, capsys)
+    assert rc == 2, (stdout, err)
+    assert expect in err and len(err.strip().splitlines()) == 1, err
+    assert out is None or not out.exists()
+
+
+def test_member_options_without_model_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, _, err = _cli(["audit", str(tmp_path), "--members", "m.jsonl"], capsys)
+    assert rc == 2 and "need --model" in err
+
+
+@pytest.mark.slow
+def test_done_when_plain_peft_finetune_is_detected_and_base_is_not(tmp_path_factory: pytest.TempPathFactory,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 18's acceptance test: a tiny causal LM pre-trained on public records, LoRA-fine-tuned with plain
+    PEFT on 100 member records (+ coin-flip canaries); the CLI audit finds it, and finds nothing in the base."""
+    d = tmp_path_factory.mktemp("done")
+    texts = make_texts(400, 0)
+    members, non, public = texts[0:200:2], texts[1:200:2], texts[200:]
+    rng = random.Random(7)
+    canaries = [{"prefix": f"the pin of {rng.choice(['kofi', 'lena', 'hugo', 'rosa'])} {rng.choice(['park', 'silva'])} is ",
+                 "secret": f"{rng.randint(0, 9999):04d}", "included": rng.random() < 0.5, "format": "pin"}
+                for _ in range(16)]
+    train = members + [c["prefix"] + c["secret"] for c in canaries if c["included"]]
+    base = build_base(d / "base", seed=0, pretrain_texts=public, pretrain_epochs=5)
+    adapter = train_lora_plain(base, train, d / "adapter", epochs=50, lr=5e-3, rank=16)
+    mf, nf = _jsonl(d / "m.jsonl", [{"text": t} for t in members]), _jsonl(d / "n.jsonl", [{"text": t} for t in non])
+    cf = _jsonl(d / "canaries.jsonl", canaries)
+
+    rc, stdout, err = _cli(["audit", "--model", str(base), "--adapter", str(adapter), "--members", str(mf),
+                            "--non-members", str(nf), "-o", str(d / "ft"), "--canaries", str(cf), "--json"], capsys)
+    assert rc == 0, err
+    audit = json.loads(stdout)
+    by = {a["name"]: a for a in audit["attacks"]}
+    assert by["ref"]["metrics"]["auc_ci"][0] > 0.8, by["ref"]["metrics"]
+    assert by["loss"]["metrics"]["auc"] > 0.65
+    assert {"canary_membership", "canary_exposure", "canary_extraction"} <= set(by)
+    assert by["canary_membership"]["epsilon_lower"] is not None  # canaries: fair coins -> a bound
+    assert by["loss"].get("epsilon_lower") is None  # the user's split: metrics only
+    ext = by["canary_extraction"]["metrics"]
+    assert ext["exact_secret_rate_greedy_included"] is not None
+
+    rc, stdout, err = _cli(["audit", "--model", str(base), "--members", str(mf), "--non-members", str(nf),
+                            "-o", str(d / "base_audit"), "--json"], capsys)
+    assert rc == 0, err
+    audit = json.loads(stdout)
+    assert audit["verdict"] == "inconclusive"
+    for a in audit["attacks"]:
+        lo, hi = a["metrics"]["auc_ci"]
+        assert lo <= 0.5 <= hi, (a["name"], a["metrics"]["auc_ci"])
