@@ -122,7 +122,8 @@ def token_scores(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size
                  max_length: int = 512, vocab_stats: bool = False) -> TokenScores:
     """ONE batched pass of a causal LM over ``texts``: ℓ_t per record and, with ``vocab_stats``, μ_t
     and σ_t² over the vocabulary (see the module docstring). Texts are tokenized with the tokenizer's
-    defaults (special tokens included) and truncated to ``max_length`` tokens; a record of fewer than
+    defaults (special tokens included) and truncated to ``max_length`` tokens (at most the model's
+    position limit); a record of fewer than
     2 tokens is a ``ValueError``. The model is put in eval mode on its own device."""
     import torch
 
@@ -131,6 +132,10 @@ def token_scores(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size
         raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length: must be an integer >= 2, got {max_length!r}")
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit >= 2:
+        max_length = min(max_length, limit)  # longer inputs would index past the position table
     ids = _encode_each(tokenizer, texts, max_length)
     short = [i for i, x in enumerate(ids) if len(x) < 2]
     if short:
@@ -143,27 +148,49 @@ def token_scores(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size
     with torch.inference_mode():
         for idx in _batches([len(x) for x in ids], batch_size):
             inp, mask = _padded([ids[i] for i in idx], device)
-            logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            del logits
-            tgt = inp[:, 1:]
-            tok = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()
-            if vocab_stats:
-                p = logp.exp()
-                mu = (p * logp).sum(-1)
-                var = (p * (logp - mu.unsqueeze(-1)).square()).sum(-1)
-                mu_np, var_np = mu.double().cpu().numpy(), var.double().cpu().numpy()
-                del p
-            del logp
-            for row, i in enumerate(idx):
+            valid = mask[:, 1:].bool()
+            flat = model(input_ids=inp, attention_mask=mask).logits[:, :-1][valid]  # (predicted tokens, V)
+            tgt = inp[:, 1:][valid]
+            tok, mu, var = _token_stats(flat, tgt, vocab_stats)
+            del flat
+            pos = 0
+            for i in idx:  # boolean indexing is row-major: each record's tokens are contiguous
                 n = len(ids[i]) - 1
-                lp_out[i] = tok[row, :n].copy()
+                lp_out[i] = tok[pos:pos + n]
                 if vocab_stats:
-                    mu_out[i] = mu_np[row, :n].copy()
-                    var_out[i] = var_np[row, :n].copy()
+                    mu_out[i], var_out[i] = mu[pos:pos + n], var[pos:pos + n]  # type: ignore[index]
+                pos += n
     return TokenScores(tuple(lp_out),  # type: ignore[arg-type]
                        tuple(mu_out) if vocab_stats else None,  # type: ignore[arg-type]
                        tuple(var_out) if vocab_stats else None)  # type: ignore[arg-type]
+
+
+def _token_stats(flat: "torch.Tensor", tgt: "torch.Tensor", vocab_stats: bool
+                 ) -> tuple[NDArray[np.float64], NDArray[np.float64] | None, NDArray[np.float64] | None]:
+    """ℓ_t (and μ_t, σ_t²) from logits ``(N, V)`` of predicted positions, in row chunks of ~16 MB so
+    the float32 temporaries stay small (in-place ops; no padded positions are touched)."""
+    import torch
+
+    n, v = flat.shape
+    chunk = max(1, (1 << 22) // max(v, 1))
+    tok = torch.empty(n, dtype=torch.float32, device=flat.device)
+    mu = torch.empty_like(tok) if vocab_stats else None
+    var = torch.empty_like(tok) if vocab_stats else None
+    for s in range(0, n, chunk):
+        z = flat[s:s + chunk].float()
+        z = z - torch.logsumexp(z, dim=-1, keepdim=True)  # log p (a fresh tensor: flat is not modified)
+        tok[s:s + chunk] = z.gather(-1, tgt[s:s + chunk, None])[:, 0]
+        if vocab_stats:
+            p = z.exp()
+            m = (p * z).sum(-1)
+            z.sub_(m[:, None]).square_()
+            mu[s:s + chunk] = m  # type: ignore[index]
+            var[s:s + chunk] = (p * z).sum(-1)  # type: ignore[index]
+
+    def host(t: "torch.Tensor | None") -> NDArray[np.float64] | None:
+        return None if t is None else t.double().cpu().numpy()
+
+    return host(tok), host(mu), host(var)  # type: ignore[return-value]
 
 
 # -- the score formulas (each pinned by a hand-computed unit test) ---------------------------------
