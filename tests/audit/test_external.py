@@ -185,3 +185,48 @@ def test_done_when_plain_peft_finetune_is_detected_and_base_is_not(tmp_path_fact
     for a in audit["attacks"]:
         lo, hi = a["metrics"]["auc_ci"]
         assert lo <= 0.5 <= hi, (a["name"], a["metrics"]["auc_ci"])
+
+
+def test_train_writes_peft_adapter_and_external_audit_reproduces_run_audit(tmp_path: Path) -> None:
+    """`privaudit train` writes RUN_DIR/peft in PEFT's format; PeftModel.from_pretrained on the rebuilt base
+    gives the released model, and the external audit of it reproduces the run-directory audit's loss AUC."""
+    import copy
+
+    import torch
+    from peft import PeftModel
+
+    from privaudit import audit_model
+    from privaudit.audit.auditor import _population, audit_run
+    from privaudit.config import parse_config
+    from privaudit.mechanisms.training import prepare_data
+    from privaudit.models import load_base_model
+    from privaudit.runs import load_run, train
+
+    raw = {"task": "causal_lm",
+           "model": {"name": "tiny-gpt2", "max_length": 24, "overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2}},
+           "lora": {"rank": 4, "alpha": 8},
+           "data": {"synthetic": {"n_people": 12, "records_per_person": 2, "n_canaries": 0}, "heldout_fraction": 0.5},
+           "training": {"epochs": 4, "batch_size": 6, "learning_rate": 0.05},
+           "privacy": {"noise_multiplier": 0.0, "noise_seed": 1}}
+    cfg = parse_config(copy.deepcopy(raw))
+    rd = tmp_path / "run"
+    train(cfg, rd, progress=False)
+    peft_dir = rd / "peft"
+    assert (peft_dir / "adapter_config.json").is_file() and (peft_dir / "adapter_model.safetensors").is_file()
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-gpt2"
+
+    base, tok = load_base_model("tiny-gpt2", "causal_lm", seed=cfg.training.seed, **cfg.model.overrides)
+    base_dir = tmp_path / "base"
+    base.save_pretrained(str(base_dir), safe_serialization=True)
+    tok.save_pretrained(str(base_dir))
+    peft_model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
+    released = load_run(rd).model
+    ids = torch.tensor([tok("alice paid the invoice")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, released(input_ids=ids).logits)
+
+    run_res = audit_run(rd, attacks=["loss"], n_bootstrap=0, _write=False)
+    members, non, _, _ = _population(prepare_data(cfg), False, 1000, 0)
+    ext = audit_model(str(base_dir), None, [r.text for r in members], [r.text for r in non], adapter=peft_dir,
+                      attacks=["loss"], max_length=cfg.model.max_length, n_bootstrap=0)
+    assert ext.attack("loss").metrics["auc"] == pytest.approx(run_res.attack("loss").metrics["auc"], abs=1e-9)
