@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "run_sweep": "privaudit.sweep",
     "audit_run": "privaudit.audit.auditor",
     "audit_model": "privaudit.audit.external",
+    "ledger_from_opacus_history": "privaudit.audit.opacus_ledger",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

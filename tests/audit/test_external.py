@@ -187,6 +187,7 @@ def test_done_when_plain_peft_finetune_is_detected_and_base_is_not(tmp_path_fact
         assert lo <= 0.5 <= hi, (a["name"], a["metrics"]["auc_ci"])
 
 
+@pytest.mark.slow
 def test_train_writes_peft_adapter_and_external_audit_reproduces_run_audit(tmp_path: Path) -> None:
     """`privaudit train` writes RUN_DIR/peft in PEFT's format; PeftModel.from_pretrained on the rebuilt base
     gives the released model, and the external audit of it reproduces the run-directory audit's loss AUC."""
