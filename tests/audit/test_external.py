@@ -231,3 +231,52 @@ def test_train_writes_peft_adapter_and_external_audit_reproduces_run_audit(tmp_p
     ext = audit_model(str(base_dir), None, [r.text for r in members], [r.text for r in non], adapter=peft_dir,
                       attacks=["loss"], max_length=cfg.model.max_length, n_bootstrap=0)
     assert ext.attack("loss").metrics["auc"] == pytest.approx(run_res.attack("loss").metrics["auc"], abs=1e-9)
+
+
+def test_loaded_peft_model_api_uses_its_base_as_reference(small: dict[str, Path]) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from privaudit import audit_model
+
+    base = AutoModelForCausalLM.from_pretrained(str(small["base"]), local_files_only=True, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(str(small["base"]), local_files_only=True)
+    model = PeftModel.from_pretrained(base, str(small["adapter"]))
+    members = [json.loads(x)["text"] for x in small["members"].read_text().splitlines()]
+    non = [json.loads(x)["text"] for x in small["non"].read_text().splitlines()]
+    res = audit_model(model, tok, members, non, attacks=["loss", "ref"], n_bootstrap=0)
+    by_name = audit_model(str(small["base"]), None, members, non, adapter=small["adapter"], attacks=["loss", "ref"],
+                          n_bootstrap=0)
+    for name in ("loss", "ref"):
+        assert res.attack(name).metrics["auc"] == pytest.approx(by_name.attack(name).metrics["auc"], abs=1e-9)
+    with pytest.raises(ValueError, match="^tokenizer"):
+        audit_model(model, None, members, non)
+
+
+def test_sequence_classifier_audit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A classifier folder whose tokenizer has no pad token (eos is used), labels from a column."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from tests.audit.external_fixtures import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.pad_token = None
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=3,
+                     architectures=["GPT2ForSequenceClassification"])
+    d = tmp_path / "clf"
+    GPT2ForSequenceClassification(cfg).save_pretrained(str(d), safe_serialization=True)
+    tok.save_pretrained(str(d))
+    texts = make_texts(30, 9)
+    mf = _jsonl(tmp_path / "m.jsonl", [{"text": t, "label": i % 3} for i, t in enumerate(texts[:15])])
+    nf = _jsonl(tmp_path / "n.jsonl", [{"text": t, "label": i % 3} for i, t in enumerate(texts[15:])])
+    rc, stdout, err = _cli(["audit", "--model", str(d), "--members", str(mf), "--non-members", str(nf),
+                            "-o", str(tmp_path / "out"), "--label-column", "label", "--json"], capsys)
+    assert rc == 0, err
+    audit = json.loads(stdout)
+    assert [a["name"] for a in audit["attacks"]] == ["loss", "confidence", "entropy", "modified_entropy"]
+    assert all(0 <= a["metrics"]["auc"] <= 1 for a in audit["attacks"])
+    rc, _, err = _cli(["audit", "--quiet", "--model", str(d), "--members", str(mf), "--non-members", str(nf),
+                       "-o", str(tmp_path / "out2")], capsys)
+    assert rc == 2 and "label" in err and not (tmp_path / "out2").exists()
