@@ -50,14 +50,12 @@ from numpy.typing import NDArray
 
 from privaudit.audit.auditor import (
     AUDIT_FILE,
-    AttackResult,
     AttackScores,
     AuditResult,
     _accounted,
-    _bound,
     _derived_seed,
-    _metrics,
     _verdict,
+    score_attacks,
 )
 
 __all__ = [
@@ -842,19 +840,7 @@ def audit_model(
                                             math.inf, None)
     has_guarantee = math.isfinite(compared)
     deltas = sorted({delta} | {c["delta"] for c in claims_in})
-    bounded = [o for o in outcomes if o.bound == "one_run" and o.member_scores is not None
-               and o.nonmember_scores is not None and o.member_scores.size > 0 and o.nonmember_scores.size > 0]
-    n_bounds = len(bounded) * len(deltas)
-    per_conf = 1.0 - (1.0 - confidence) / max(n_bounds, 1)
-    results: list[AttackResult] = []
-    for i, o in enumerate(outcomes):
-        metrics, roc, why = _metrics(o, n_bootstrap, _derived_seed(seed, i, 0x4D4554), confidence)
-        note = "; ".join(x for x in (o.note, why) if x) or None
-        if any(o is b for b in bounded):
-            by_delta = {d: _bound(o, d, per_conf, _derived_seed(seed, i, 0x424E44)) for d in deltas}
-            results.append(AttackResult(o.name, o.kind, metrics, roc, by_delta[delta], by_delta, confidence, note))
-        else:
-            results.append(AttackResult(o.name, o.kind, metrics, roc, None, {}, None, note))
+    results, bounded, n_bounds, per_conf = score_attacks(outcomes, delta, deltas, confidence, seed, n_bootstrap)
     with_bounds = [r for r in results if r.epsilon_lower is not None]
     top = max(with_bounds, key=lambda r: r.epsilon_lower.value) if with_bounds else None  # type: ignore[union-attr]
     claimed = []
