@@ -20,14 +20,12 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from privaudit.attacks.llm_scores import token_scores  # noqa: E402
+from privaudit.attacks.llm_scores import token_scores
 
-_WORDS = ("the patient was seen at the clinic on monday and reported mild pain in the left knee after a fall "
-          "her address is on elm street and the invoice was paid by card ending in digits follow up in two "
-          "weeks was advised with a referral to physiotherapy and a blood test for anaemia").split()
+_WORDS = ["the", "patient", "was", "seen", "at", "the", "clinic", "on", "monday", "and", "reported", "mild", "pain", "in", "the", "left", "knee", "after", "a", "fall", "her", "address", "is", "on", "elm", "street", "and", "the", "invoice", "was", "paid", "by", "card", "ending", "in", "digits", "follow", "up", "in", "two", "weeks", "was", "advised", "with", "a", "referral", "to", "physiotherapy", "and", "a", "blood", "test", "for", "anaemia"]
 
 
 def make_texts(n: int, seed: int = 0) -> list[str]:

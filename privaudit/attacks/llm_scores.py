@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,15 +45,16 @@ __all__ = [
     "CAUSAL_LM_ATTACKS",
     "CLASSIFIER_ATTACKS",
     "TokenScores",
-    "token_scores",
-    "loss_score",
-    "zlib_score",
-    "min_k_score",
-    "min_k_pp_score",
-    "zlib_length",
-    "llm_scores",
-    "classifier_scores",
     "adapter_disabled",
+    "classifier_scores",
+    "classifier_scores_from_probs",
+    "llm_scores",
+    "loss_score",
+    "min_k_pp_score",
+    "min_k_score",
+    "token_scores",
+    "zlib_length",
+    "zlib_score",
 ]
 
 CAUSAL_LM_ATTACKS: tuple[str, ...] = ("loss", "zlib", "lowercase", "min_k", "min_k_pp", "ref")
@@ -83,7 +85,7 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     return list(texts)
 
 
-def _model_device(model: Any) -> "torch.device":
+def _model_device(model: Any) -> torch.device:
     import torch
 
     try:
@@ -97,7 +99,7 @@ def _encode_each(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def _padded(ids: Sequence[Sequence[int]], device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
+def _padded(ids: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids (pad id 0: masked, and with right padding a causal model's real tokens
     never attend to it) and the attention mask."""
     import torch
@@ -165,7 +167,7 @@ def token_scores(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size
                        tuple(var_out) if vocab_stats else None)  # type: ignore[arg-type]
 
 
-def _token_stats(flat: "torch.Tensor", tgt: "torch.Tensor", vocab_stats: bool
+def _token_stats(flat: torch.Tensor, tgt: torch.Tensor, vocab_stats: bool
                  ) -> tuple[NDArray[np.float64], NDArray[np.float64] | None, NDArray[np.float64] | None]:
     """ℓ_t (and μ_t, σ_t²) from logits ``(N, V)`` of predicted positions, in row chunks of ~16 MB so
     the float32 temporaries stay small (in-place ops; no padded positions are touched)."""
@@ -187,7 +189,7 @@ def _token_stats(flat: "torch.Tensor", tgt: "torch.Tensor", vocab_stats: bool
             mu[s:s + chunk] = m  # type: ignore[index]
             var[s:s + chunk] = (p * z).sum(-1)  # type: ignore[index]
 
-    def host(t: "torch.Tensor | None") -> NDArray[np.float64] | None:
+    def host(t: torch.Tensor | None) -> NDArray[np.float64] | None:
         return None if t is None else t.double().cpu().numpy()
 
     return host(tok), host(mu), host(var)  # type: ignore[return-value]

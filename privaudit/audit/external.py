@@ -40,10 +40,11 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -61,12 +62,12 @@ from privaudit.audit.auditor import (
 __all__ = [
     "MANIFEST_FILE",
     "PICKLE_SUFFIXES",
-    "LoadedModel",
     "Canary",
-    "load_model",
-    "read_texts",
-    "read_canaries",
+    "LoadedModel",
     "audit_model",
+    "load_model",
+    "read_canaries",
+    "read_texts",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -498,7 +499,7 @@ def _contains(text: str, secret: str) -> bool:
 
 def _canary_attacks(lm: LoadedModel, canaries: Sequence[Canary], reference: Any, ref_tok: Any, settings: Mapping[str, Any],
                     seed: int, log: Callable[[str], None]) -> list[AttackScores]:
-    from privaudit.attacks.canaries import candidate_space, canary_membership_scores, exposure_from_log_perplexities
+    from privaudit.attacks.canaries import canary_membership_scores, candidate_space, exposure_from_log_perplexities
     from privaudit.attacks.llm_scores import adapter_disabled
 
     bs, ml = int(settings["batch_size"]), int(settings["max_length"])
@@ -562,7 +563,7 @@ def _canary_attacks(lm: LoadedModel, canaries: Sequence[Canary], reference: Any,
             examples.append({"prefix": c.prefix[-60:], "greedy": g[:80], "included": c.included,
                              "secret_found": bool(greedy_hit[i])})
     score = greedy_hit.astype(np.float64) + sampled_hits
-    rate = lambda m, sel: float(m[sel].mean()) if sel.any() else None  # noqa: E731
+    rate = lambda m, sel: float(m[sel].mean()) if sel.any() else None
     extra = {"exact_secret_rate_greedy_included": rate(greedy_hit, included),
              "exact_secret_rate_greedy_excluded": rate(greedy_hit, ~included),
              "exact_secret_rate_sampled_included": rate(sampled_hits, included),
@@ -888,7 +889,7 @@ def audit_model(
     ident = hashlib.sha256(json.dumps([lm.info.get("name"), (lm.info.get("adapter") or {}).get("sha256"),
                                        m_desc["texts_sha256"], n_desc["texts_sha256"]]).encode()).hexdigest()
     run_id = f"external-{ident[:12]}"
-    created = datetime.now(timezone.utc).isoformat()
+    created = datetime.now(UTC).isoformat()
     result = AuditResult(run_id=run_id, observer="released model", accounted=accounted, claimed=tuple(claimed),
                          attacks=tuple(results), epsilon_lower=eps_lower, verdict=verdict,  # type: ignore[arg-type]
                          verdict_reason=reason, created=created, settings=public_settings)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from privaudit.audit.events import GaussianEvent
 from privaudit.audit.ledger import Ledger

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 _FIRST = ["alice", "bruno", "chen", "dana", "emil", "fatima", "gosia", "hugo", "ines", "jonas", "kofi", "lena",
           "marek", "nadia", "oscar", "priya", "quinn", "rosa", "sven", "tara"]
@@ -29,7 +30,7 @@ def make_texts(n: int, seed: int) -> list[str]:
     return out
 
 
-def build_tokenizer() -> "PreTrainedTokenizerFast":
+def build_tokenizer() -> Any:
     """A word-level tokenizer over the records' vocabulary (digits one by one), small enough that a
     tiny model trains in seconds; BOS prepended, no EOS (as GPT-2 tokenizers do)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
