@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from privaudit.cli import main
-from tests.audit.external_fixtures import build_base, make_texts, train_lora_plain
+from tests.audit.external_fixtures import _FIRST, _LAST, build_base, make_texts, train_lora_plain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,9 +155,9 @@ def test_done_when_plain_peft_finetune_is_detected_and_base_is_not(tmp_path_fact
     texts = make_texts(400, 0)
     members, non, public = texts[0:200:2], texts[1:200:2], texts[200:]
     rng = random.Random(7)
-    canaries = [{"prefix": f"the pin of {rng.choice(['kofi', 'lena', 'hugo', 'rosa'])} {rng.choice(['park', 'silva'])} is ",
-                 "secret": f"{rng.randint(0, 9999):04d}", "included": rng.random() < 0.5, "format": "pin"}
-                for _ in range(16)]
+    pairs = rng.sample([(f, surname) for f in _FIRST for surname in _LAST], 16)  # distinct prefixes
+    canaries = [{"prefix": f"the pin of {f} {surname} is ", "secret": f"{rng.randint(0, 9999):04d}",
+                 "included": rng.random() < 0.5, "format": "pin"} for f, surname in pairs]
     train = members + [c["prefix"] + c["secret"] for c in canaries if c["included"]]
     base = build_base(d / "base", seed=0, pretrain_texts=public, pretrain_epochs=5)
     adapter = train_lora_plain(base, train, d / "adapter", epochs=50, lr=5e-3, rank=16)
@@ -172,10 +172,11 @@ def test_done_when_plain_peft_finetune_is_detected_and_base_is_not(tmp_path_fact
     assert by["ref"]["metrics"]["auc_ci"][0] > 0.8, by["ref"]["metrics"]
     assert by["loss"]["metrics"]["auc"] > 0.65
     assert {"canary_membership", "canary_exposure", "canary_extraction"} <= set(by)
-    assert by["canary_membership"]["epsilon_lower"] is not None  # canaries: fair coins -> a bound
+    assert by["canary_membership"]["epsilon_lower"]["value"] > 0  # canaries: fair coins -> a bound
     assert by["loss"].get("epsilon_lower") is None  # the user's split: metrics only
     ext = by["canary_extraction"]["metrics"]
-    assert ext["exact_secret_rate_greedy_included"] is not None
+    assert ext["exact_secret_rate_greedy_excluded"] == 0.0  # a secret never trained on is not produced
+    assert ext["exact_secret_rate_greedy_included"] >= ext["exact_secret_rate_greedy_excluded"]
 
     rc, stdout, err = _cli(["audit", "--model", str(base), "--members", str(mf), "--non-members", str(nf),
                             "-o", str(d / "base_audit"), "--json"], capsys)
