@@ -281,3 +281,27 @@ def test_sequence_classifier_audit(tmp_path: Path, capsys: pytest.CaptureFixture
     rc, _, err = _cli(["audit", "--quiet", "--model", str(d), "--members", str(mf), "--non-members", str(nf),
                        "-o", str(tmp_path / "out2")], capsys)
     assert rc == 2 and "label" in err and not (tmp_path / "out2").exists()
+
+
+def test_ledger_is_checked_and_copied_for_the_report(small: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from privaudit.audit.opacus_ledger import ledger_from_opacus_history
+    from privaudit.reports.runs_table import load_run_record
+
+    lp = tmp_path / "ledger.jsonl"
+    ledger_from_opacus_history([(1.0, 0.05, 200)], lp, target_delta=1e-5)
+    out = tmp_path / "out"
+    rc, stdout, err = _cli(["audit", "--model", str(small["base"]), "--adapter", str(small["adapter"]),
+                            "--members", str(small["members"]), "--non-members", str(small["non"]), "-o", str(out),
+                            "--ledger", str(lp), "--attacks", "loss", "--json"], capsys)
+    assert rc == 0, err
+    audit = json.loads(stdout)
+    assert audit["accounted"]["delta"] == 1e-5 and audit["accounted"]["epsilon"]["rdp"] > 0
+    assert audit["verdict"] == "inconclusive"  # a guarantee, but nothing here can test it
+    assert (out / "ledger.jsonl").read_bytes() == lp.read_bytes()
+    rec = load_run_record(out)
+    assert rec.accountant("rdp").recomputed == pytest.approx(audit["accounted"]["epsilon"]["rdp"])
+    rc, _, err = _cli(["audit", "--quiet", "--model", str(small["base"]), "--members", str(small["members"]),
+                       "--non-members", str(small["non"]), "-o", str(tmp_path / "o2"), "--ledger", str(lp),
+                       "--epsilon", "1"], capsys)
+    assert rc == 2 and "not both" in err and not (tmp_path / "o2").exists()
