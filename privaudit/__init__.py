@@ -34,6 +34,8 @@ _EXPORTS: dict[str, str] = {
     "build_report": "privaudit.reports",
     "run_sweep": "privaudit.sweep",
     "audit_run": "privaudit.audit.auditor",
+    "audit_model": "privaudit.audit.external",
+    "ledger_from_opacus_history": "privaudit.audit.opacus_ledger",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -447,7 +447,24 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 # audit
 # --------------------------------------------------------------------------------------------
 @cli.command()
-@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(path_type=Path))
+@click.argument("run_dir", metavar="[RUN_DIR]", type=click.Path(path_type=Path), required=False)
+@click.option("--model", default=None, help="Audit a checkpoint instead of a run: HF model name (local cache) or path.")
+@click.option("--adapter", type=click.Path(path_type=Path), default=None, help="PEFT adapter directory on --model.")
+@click.option("--members", type=click.Path(path_type=Path), default=None, help="Member texts (.jsonl/.csv/HF dir).")
+@click.option("--non-members", type=click.Path(path_type=Path), default=None, help="Non-member texts.")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output directory for audit.json and manifest.json (checkpoint audits).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default=None, help="Label column (sequence classifiers).")
+@click.option("--reference-model", default=None, help="NAME_OR_PATH, 'base' or 'none' (default: base with an adapter).")
+@click.option("--epsilon", type=float, default=None, help="Claimed ε to check (with --delta).")
+@click.option("--delta", type=float, default=None, help="δ of the claim or ledger (default: the ledger's, else 1e-5).")
+@click.option("--ledger", type=click.Path(path_type=Path), default=None, help="Ledger whose accounted ε is checked.")
+@click.option("--canaries", type=click.Path(path_type=Path), default=None,
+              help="JSONL canaries (prefix, secret, included by fair coins; optional suffix, format).")
+@click.option("--members-by-coin-flip", is_flag=True, help="Assert each record's membership was a fair coin flip.")
+@click.option("--max-records", type=int, default=None, help="Records scored per side (default 1000).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Scoring batch size.")
 @click.option("--attacks", default=None, help="Comma-separated attacks (default: all that fit the run).")
 @click.option("--reference-models", type=int, default=0, show_default=True,
               help="Reference models to train for LiRA/RMIA (0: none, else >= 2).")
@@ -457,10 +474,10 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (audit.json).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_PUBLIC_KEY_OPTION
-def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence: float, seed: int,
-          as_json: bool, quiet: bool, public_key: Path | None) -> None:
+def audit(run_dir: Path | None, attacks: str | None, reference_models: int, confidence: float, seed: int,
+          as_json: bool, quiet: bool, public_key: Path | None, **external: Any) -> None:
     """Audit a run: attacks, empirical ε lower bound, verdict; writes RUN_DIR/audit.json (exit 1 on a
-    violation).
+    violation). With --model/--adapter: audit any checkpoint against --members/--non-members into -o.
 
     RUN_DIR: a run directory written by `privaudit train` (manifest.json, ledger.jsonl, the adapter as
     safetensors and audit_key.json, the auditor's record of which records and canaries were members).
@@ -468,12 +485,23 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
     from privaudit.audit.auditor import audit_run
     from privaudit.audit.ledger import LedgerCorruptError
 
-    names = None if attacks is None else [a.strip() for a in attacks.split(",")]
-    try:
-        result = audit_run(run_dir, attacks=names, reference_models=reference_models, confidence=confidence,
-                           seed=seed, progress=not quiet, public_key=public_key)
-    except LedgerCorruptError as exc:
-        raise CheckFailed(f"ledger of {run_dir}: {exc}") from None
+    if external["model"] is not None or external["adapter"] is not None:
+        from privaudit.audit.external import audit_from_cli
+
+        result = audit_from_cli(run_dir=run_dir, attacks=attacks, confidence=confidence, seed=seed,
+                                quiet=quiet or as_json, **external)
+        run_dir = external["out_dir"]
+    elif run_dir is None:
+        fail_input("RUN_DIR: give a run directory, or --model/--adapter with --members, --non-members and -o")
+    elif any(v not in (None, False, "text", 16) for v in external.values()):
+        fail_input("--members/-o/...: these options audit a checkpoint and need --model or --adapter")
+    else:
+        names = None if attacks is None else [a.strip() for a in attacks.split(",")]
+        try:
+            result = audit_run(run_dir, attacks=names, reference_models=reference_models, confidence=confidence,
+                               seed=seed, progress=not quiet, public_key=public_key)
+        except LedgerCorruptError as exc:
+            raise CheckFailed(f"ledger of {run_dir}: {exc}") from None
     if as_json:
         emit_json(result.to_json())
     else:

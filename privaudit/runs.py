@@ -278,6 +278,10 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
         save_file(released if released is not None else trainable_state_dict(result.model, include_lora=True),
                   str(rd / ADAPTER))
         save_file({k: v.contiguous() for k, v in result.theta_0.items()}, str(rd / ADAPTER_INIT))
+        if released is None:  # the same adapter in PEFT's format (PeftModel.from_pretrained, external audits)
+            from privaudit.peft_export import PEFT_DIR, write_peft_adapter
+
+            write_peft_adapter(result.model, rd / PEFT_DIR, base_model=cfg.model.name)
         for fname, content in (getattr(result, "run_files", None) or {}).items():  # e.g. the server's view
             if fname.endswith(".safetensors"):
                 save_file({k: v.contiguous() for k, v in content.items()}, str(rd / fname))

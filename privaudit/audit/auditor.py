@@ -904,6 +904,28 @@ def _load(run_dir: str | Path, public_key: Any = None) -> "LoadedRun":
         raise ValueError(f"run_dir: {run_dir} holds a weights file that is not valid safetensors ({exc})") from None
 
 
+def score_attacks(outcomes: Sequence[AttackScores], delta: float, deltas: Sequence[float], confidence: float,
+                  seed: int, n_bootstrap: int) -> tuple[list[AttackResult], list[AttackScores], int, float]:
+    """Metrics of every attack and, for those whose units were included by fair coins, one-run ε lower
+    bounds at each δ in ``deltas``, Bonferroni-corrected over all of them (so their maximum holds at
+    ``confidence``). Returns (results, the bounded outcomes, number of bounds, per-bound confidence)."""
+    bounded = [o for o in outcomes if o.bound == "one_run" and o.member_scores is not None
+               and o.nonmember_scores is not None and o.member_scores.size + o.nonmember_scores.size > 0]
+    n_bounds = len(bounded) * len(deltas)
+    per_conf = 1.0 - (1.0 - confidence) / max(n_bounds, 1)
+    results: list[AttackResult] = []
+    for i, o in enumerate(outcomes):
+        metrics, roc, why = _metrics(o, n_bootstrap, _derived_seed(seed, i, 0x4D4554), confidence)
+        note = "; ".join(x for x in (o.note, why) if x) or None
+        if any(o is b for b in bounded):
+            by_delta = {d: _bound(o, d, per_conf, _derived_seed(seed, i, 0x424E44)) for d in deltas}
+            results.append(AttackResult(o.name, o.kind, metrics, roc, by_delta[delta], by_delta, confidence, note,
+                                        power=_power(o, delta, per_conf, _derived_seed(seed, i, 0x424E44))))
+        else:
+            results.append(AttackResult(o.name, o.kind, metrics, roc, None, {}, None, note))
+    return results, bounded, n_bounds, per_conf
+
+
 def audit_run(
     run_dir: str | Path,
     *,
@@ -993,20 +1015,7 @@ def audit_run(
         # -- bounds (Bonferroni over every bound the verdict uses) ------------------------------
         prog.log("bounds and verdict")
         deltas = sorted({delta} | {float(c.delta) for c in claims})
-        bounded = [o for o in outcomes if o.bound == "one_run" and o.member_scores is not None
-                   and o.nonmember_scores is not None and o.member_scores.size + o.nonmember_scores.size > 0]
-        n_bounds = len(bounded) * len(deltas)
-        per_conf = 1.0 - (1.0 - confidence) / max(n_bounds, 1)
-        results: list[AttackResult] = []
-        for i, o in enumerate(outcomes):
-            metrics, roc, why = _metrics(o, n_bootstrap, _derived_seed(seed, i, 0x4D4554), confidence)
-            note = "; ".join(x for x in (o.note, why) if x) or None
-            if any(o is b for b in bounded):
-                by_delta = {d: _bound(o, d, per_conf, _derived_seed(seed, i, 0x424E44)) for d in deltas}
-                results.append(AttackResult(o.name, o.kind, metrics, roc, by_delta[delta], by_delta, confidence, note,
-                                            power=_power(o, delta, per_conf, _derived_seed(seed, i, 0x424E44))))
-            else:
-                results.append(AttackResult(o.name, o.kind, metrics, roc, None, {}, None, note))
+        results, bounded, n_bounds, per_conf = score_attacks(outcomes, delta, deltas, confidence, seed, n_bootstrap)
 
         with_bounds = [r for r in results if r.epsilon_lower is not None]
         top = max(with_bounds, key=lambda r: r.epsilon_lower.value) if with_bounds else None  # type: ignore[union-attr]

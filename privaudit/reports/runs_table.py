@@ -560,6 +560,8 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
             eps_lower = best.epsilon_lower
     verdict = _str(audit.get("verdict"))
     power = _num(el_top.get("power"))
+    if eps_lower is None and _str(el_top.get("reason")):  # e.g. a checkpoint audit without fair-coin membership
+        warnings.append(f"no empirical ε lower bound: {el_top.get('reason')}")
 
     # -- claims --------------------------------------------------------------------------------
     raw_claims: list[Claim] = []

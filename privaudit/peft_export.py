@@ -1,0 +1,39 @@
+"""Write a run's LoRA adapter in PEFT's own format (``RUN_DIR/peft/adapter_config.json`` and
+``adapter_model.safetensors``), so that any Hugging Face code loads it with
+``PeftModel.from_pretrained(base, RUN_DIR / "peft")`` and ``privaudit audit --model BASE --adapter
+RUN_DIR/peft`` audits it like any checkpoint.
+
+privaudit's LoRA *is* PEFT's (:func:`privaudit.models.apply_lora` wraps the base with
+``peft.get_peft_model``), so names and shapes need no conversion: the adapter is written by PEFT's
+``save_pretrained`` (safetensors only). It is the same release as ``adapter.safetensors`` (no new
+privacy cost). Not written when the model is not a PEFT model or trains parameters outside the LoRA
+factors (e.g. a classification head, which PEFT's adapter file would not carry): then the file would
+not reproduce the released model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PEFT_DIR", "write_peft_adapter"]
+
+PEFT_DIR = "peft"
+
+
+def write_peft_adapter(model: Any, out_dir: str | Path, *, base_model: str) -> bool:
+    """Write ``model``'s LoRA adapter with PEFT's ``save_pretrained`` into ``out_dir``, naming
+    ``base_model`` as its base; True if written, False if the model cannot be written faithfully."""
+    from peft import PeftModel
+
+    from privaudit.models import _unwrap
+
+    m = _unwrap(model)
+    if not isinstance(m, PeftModel):
+        return False
+    if any(p.requires_grad and ".lora_" not in n for n, p in m.named_parameters()):
+        return False  # a trained head or other weights PEFT's adapter file does not hold
+    for cfg in m.peft_config.values():
+        cfg.base_model_name_or_path = base_model
+    m.save_pretrained(str(out_dir), safe_serialization=True)
+    return True
