@@ -819,7 +819,7 @@ def _population(data: "DataBundle", need_z: bool, max_records: int, seed: int
     return [members[i] for i in m_idx], [nonmembers[i] for i in nm_idx], population, z
 
 
-def _load(run_dir: str | Path) -> "LoadedRun":
+def _load(run_dir: str | Path, model_path: str | Path | None = None) -> "LoadedRun":
     """:func:`privaudit.runs.load_run` (which refuses pickle-based files), with an unreadable
     safetensors file reported as a ``ValueError`` naming the run directory."""
     from safetensors import SafetensorError
@@ -827,7 +827,7 @@ def _load(run_dir: str | Path) -> "LoadedRun":
     from privaudit.runs import load_run
 
     try:
-        return load_run(run_dir)
+        return load_run(run_dir, model_path=model_path)
     except SafetensorError as exc:
         raise ValueError(f"run_dir: {run_dir} holds a weights file that is not valid safetensors ({exc})") from None
 
@@ -844,6 +844,7 @@ def audit_run(
     exposure_candidates: int = 1000,
     n_bootstrap: int = 200,
     _write: bool = True,
+    model_path: str | Path | None = None,
 ) -> AuditResult:
     """Audit the run in ``run_dir`` and write ``run_dir/audit.json`` (see the module docstring).
 
@@ -854,6 +855,8 @@ def audit_run(
     stderr, a callable ``(message, done, total)``, or None. ``max_records``: members (and as many
     non-members) scored by the record-level attacks. ``exposure_candidates``: candidate secrets per
     canary for exposure. A run directory holding pickle-based files is refused (``ValueError``).
+    ``model_path``: the base model's folder, when the run's model is neither bundled nor in the local
+    HF cache (a manifest never chooses a folder itself; see :func:`privaudit.runs.load_run`).
     """
     from privaudit.runs import _write_json_atomic
 
@@ -863,7 +866,7 @@ def audit_run(
     prog = _Progress(progress)
     try:
         prog.log("loading the run")
-        run = _load(run_dir)
+        run = _load(run_dir, model_path)
         header = run.ledger.header
         observer = header.observer
         delta = header.target_delta if header.target_delta is not None else run.manifest.get("plan", {}).get("delta")

@@ -138,7 +138,8 @@ class PRVAccountant(RDPDomainAccountant):
         z = tail_quantile(1e4 * delta_error, k)
         while True:
             j_min, j_max = math.floor(-L / h), math.ceil(L / h)
-            n = sfft.next_fast_len(j_max - j_min + 1, real=True)  # (a wider domain is only safer)
+            n = j_max - j_min + 1  # (checked before next_fast_len, which overflows on huge meshes)
+            n = n if n > _MAX_POINTS else sfft.next_fast_len(n, real=True)  # (a wider domain is only safer)
             if n > _MAX_POINTS:
                 raise ValueError(
                     f"eps_error: {self.eps_error} needs a PRV mesh of {n} points for {k} releases; "
