@@ -278,6 +278,14 @@ def parse_options(settings: type[OptionsT], options: Mapping[str, Any] | None) -
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) run config."""
     p = Path(path)
+    data = read_config_data(p)
+    return parse_config(data if data is not None else {}, base_dir=p.parent)
+
+
+def read_config_data(path: str | Path) -> Any:
+    """The parsed content of a YAML or TOML config file: a regular file of at most
+    ``MAX_CONFIG_BYTES``, YAML without aliases; a ``ValueError`` starting ``config:`` otherwise."""
+    p = Path(path)
     if not p.exists():
         raise ValueError(f"config: {p} does not exist")
     if p.is_dir():
@@ -297,7 +305,7 @@ def load_config(path: str | Path) -> RunConfig:
         raise ValueError(f"config: {p} is not valid TOML ({exc})") from None
     except RecursionError:
         raise ValueError(f"config: {p} is nested too deeply") from None
-    return parse_config(data if data is not None else {}, base_dir=p.parent)
+    return data
 
 
 class _NoAliasLoader(yaml.SafeLoader):

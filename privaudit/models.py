@@ -133,6 +133,14 @@ def _resolve_name(name_or_path: str) -> tuple[str, str]:
 _HF_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
+def is_model_path(name: str) -> bool:
+    """True for a name that is neither a bundled model nor an HF id (``org/name``): a folder."""
+    key = name.strip()
+    if key.lower() in (TINY_GPT2, TINY_LLAMA) or key.lower() in _MINILM_ALIASES:
+        return False
+    return not _HF_REPO_ID.fullmatch(key) or ".." in key
+
+
 def resolve_untrusted_model_name(name: object, field: str = "model.name") -> str:
     """The model a name read from an untrusted source (a run directory's manifest) may load: a bundled
     name as is, or an HF id (``org/name``) resolved to its snapshot folder in the local Hugging Face
@@ -144,7 +152,7 @@ def resolve_untrusted_model_name(name: object, field: str = "model.name") -> str
     key = name.strip()
     if key.lower() in (TINY_GPT2, TINY_LLAMA) or key.lower() in _MINILM_ALIASES:
         return key
-    if not _HF_REPO_ID.fullmatch(key) or ".." in key:
+    if is_model_path(key):
         raise ValueError(f"{field}: {name!r} is not a bundled model or a Hugging Face id; a model path is "
                          "never taken from a run directory (pass the model folder yourself, e.g. --model-path)")
     from huggingface_hub import snapshot_download
