@@ -32,7 +32,7 @@ Task = Literal["classification", "causal_lm"]
 # generated or any model is built, so hostile values cannot make a run hang or exhaust memory.
 MAX_STEPS = 10**9  #: training steps (also the limit of ``privaudit epsilon/calibrate --steps``)
 MAX_SEED = 2**32 - 1  #: seeds are in [0, MAX_SEED]
-MAX_RECORDS = 1_000_000  #: synthetic records (n_people × records_per_person)
+MAX_RECORDS = 200_000  #: synthetic records (n_people × records_per_person; ≈ 1 min to generate)
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-4, 1e6  #: σ > 0 lies in this range
 MAX_TARGET_EPSILON = 1000.0  #: largest target ε to calibrate to
 MAX_BATCH = 10**7  #: batch sizes (records)
@@ -71,7 +71,7 @@ class SyntheticSection(_Section):
 
     n_people: int = Field(400, ge=1, le=MAX_RECORDS)
     records_per_person: int = Field(3, ge=1, le=1000)
-    n_canaries: int = Field(32, ge=0, le=100_000)
+    n_canaries: int = Field(32, ge=0, le=10_000)
     canary_inclusion: float = Field(0.5, ge=0, le=1)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     canary_formats: list[str] = Field(default_factory=lambda: ["pin4", "ssn", "phone", "card"], max_length=100)
