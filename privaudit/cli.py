@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -545,7 +546,9 @@ def demo(out_dir: Path, quick: bool, quiet: bool, as_json: bool, seed: int | Non
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI with the project's exit-code and error-message contract."""
     try:
-        cli.main(args=argv, prog_name="privaudit", standalone_mode=False)
+        with warnings.catch_warnings():  # numerical warnings are ours to handle, not the user's
+            warnings.simplefilter("ignore", RuntimeWarning)
+            cli.main(args=argv, prog_name="privaudit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

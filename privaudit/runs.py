@@ -257,7 +257,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
         raise ValueError(f"run_dir: {rd} exists and is not a directory")
     if resume and not (rd / MANIFEST).exists():
         raise ValueError(f"run_dir: {rd} holds no run to resume (no {MANIFEST})")
-    if not resume and rd.exists() and any(rd.iterdir()):
+    if not resume and rd.exists() and any(p.name != RUN_LOCK for p in rd.iterdir()):
         raise ValueError(f"run_dir: {rd} exists and is not empty (use --resume to continue a run)")
     created = not rd.exists()
     try:
@@ -493,9 +493,15 @@ def load_run(run_dir: str | Path, *, device: str | None = None, model_path: str 
     adapter_path = rd / ADAPTER
     if not adapter_path.exists():
         raise ValueError(f"run_dir: {rd} has no {ADAPTER}")
+    key_path = rd / AUDIT_KEY  # checked before anything expensive is built
+    audit_key = _read_json(key_path, "audit_key") if key_path.exists() else None
+    if audit_key is not None:
+        _check_audit_key(audit_key)
     data_section = manifest.get("data")
     labels = data_section.get("label_names") if isinstance(data_section, dict) else None
     num_labels = max(2, len(labels) if isinstance(labels, list) else 0)
+    if num_labels > 100_000:  # the classification head is built with one row per label
+        raise ValueError(f"manifest.data.label_names: {num_labels} labels, more than the limit of 100000")
     from privaudit.mechanisms import get_mechanism
 
     loader = getattr(get_mechanism(cfg.mechanism), "load_released_model", None)  # e.g. a side network
@@ -505,10 +511,6 @@ def load_run(run_dir: str | Path, *, device: str | None = None, model_path: str 
         model, tok = build_model(cfg, num_labels, resolve_device(device or cfg.model.device))
         load_trainable_state_dict(model, load_file(str(adapter_path)))
     model.eval()
-    key_path = rd / AUDIT_KEY
-    audit_key = _read_json(key_path, "audit_key") if key_path.exists() else None
-    if audit_key is not None:
-        _check_audit_key(audit_key)
     init_path = rd / ADAPTER_INIT
     theta_0 = load_file(str(init_path)) if init_path.exists() else None
     return LoadedRun(rd, manifest, cfg, ledger, model, tok, audit_key, theta_0)
