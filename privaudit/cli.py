@@ -197,7 +197,6 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: st
               neighbouring: str, as_json: bool) -> None:
     """The smallest noise multiplier whose ε does not exceed the target."""
     from privaudit.audit.accountants.calibrate import calibrate_noise
-
     from privaudit.config import MAX_TARGET_EPSILON
 
     _positive_float("--target-epsilon", target_epsilon)

@@ -16,8 +16,9 @@ import os
 import stat
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 __all__ = ["MAX_JSON_BYTES", "MAX_RUN_DIR_ENTRIES", "check_run_file", "read_bounded", "read_json_file",
            "reject_bool_numbers", "walk_run_dir"]

@@ -11,11 +11,15 @@ a failure), and one that runs past the timer raises :class:`Hang` out of the cal
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import json
 import resource
 import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 #: Address space a single CLI call may add (bytes).
 MEMORY_CAP = 3 << 30
@@ -100,3 +104,40 @@ def assert_rejected(res: CliOutcome, *fragments: str) -> str:
     for f in fragments:
         assert f in res.lines[0], (f, res.lines[0])
     return res.lines[0]
+
+
+TINY: dict[str, Any] = {
+    "task": "classification",
+    "model": {"name": "tiny-gpt2", "max_length": 16, "overrides": {"n_layer": 1, "n_embd": 16, "n_head": 2}},
+    "lora": {"rank": 2, "alpha": 4},
+    "data": {"synthetic": {"n_people": 10, "n_canaries": 2}},
+    "training": {"steps": 2, "batch_size": 4},
+    "privacy": {"noise_multiplier": 1.0, "noise_seed": 0},
+}
+
+
+def tiny(**sections: dict[str, Any]) -> dict[str, Any]:
+    data = copy.deepcopy(TINY)
+    for name, update in sections.items():
+        data[name] = {**data.get(name, {}), **update}
+    return data
+
+
+def crafted_run(root: Path, config: dict[str, Any] | None = None, status: str = "complete") -> Path:
+    """A run directory as someone else could hand it over: manifest (``config`` as given, unvalidated),
+    a header-only ledger and an empty adapter. Nothing here is trained."""
+    from safetensors.torch import save_file
+
+    from privaudit.audit.ledger import Ledger
+    from privaudit.config import config_to_dict, parse_config
+
+    rd = root / "run"
+    rd.mkdir(parents=True)
+    manifest = {"format_version": 1, "status": status, "mechanism": "dp_lora", "task": "classification",
+                "config": config if config is not None else config_to_dict(parse_config(TINY)),
+                "data": {"label_names": ["a", "b"]}}
+    (rd / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    Ledger.create(rd / "ledger.jsonl", mechanism="dp_lora", target_delta=1e-5).close()
+    (rd / "ledger.jsonl.lock").unlink(missing_ok=True)
+    save_file({}, str(rd / "adapter.safetensors"))
+    return rd

@@ -4,7 +4,6 @@ directory's lock before writing anything and leaves nothing half-made behind."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -15,47 +14,23 @@ import pytest
 import yaml
 from safetensors.torch import save_file
 
-from privaudit.audit.ledger import Ledger, LedgerLockedError
-from privaudit.config import config_to_dict, load_config, parse_config
+from privaudit.audit.ledger import LedgerLockedError
+from privaudit.config import load_config, parse_config
 from privaudit.models import load_base_model, minilm_path
 from privaudit.runs import RUN_LOCK, _lock_run_dir, _unlock_run_dir, load_run, train
-from tests.hostile_harness import assert_clean, assert_rejected, run_cli
-
-TINY: dict[str, Any] = {
-    "task": "classification",
-    "model": {"name": "tiny-gpt2", "max_length": 16, "overrides": {"n_layer": 1, "n_embd": 16, "n_head": 2}},
-    "lora": {"rank": 2, "alpha": 4},
-    "data": {"synthetic": {"n_people": 10, "n_canaries": 2}},
-    "training": {"steps": 2, "batch_size": 4},
-    "privacy": {"noise_multiplier": 1.0, "noise_seed": 0},
-}
-
-
-def tiny(**sections: dict[str, Any]) -> dict[str, Any]:
-    data = copy.deepcopy(TINY)
-    for name, update in sections.items():
-        data[name] = {**data.get(name, {}), **update}
-    return data
+from tests.hostile_harness import (
+    TINY,
+    assert_clean,
+    assert_rejected,
+    crafted_run,
+    run_cli,
+    tiny,
+)
 
 
 def write_yaml(path: Path, data: Any) -> Path:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
-
-
-def crafted_run(root: Path, config: dict[str, Any] | None = None, status: str = "complete") -> Path:
-    """A run directory as someone else could hand it over: manifest (``config`` as given, unvalidated),
-    a header-only ledger and an empty adapter. Nothing here is trained."""
-    rd = root / "run"
-    rd.mkdir(parents=True)
-    manifest = {"format_version": 1, "status": status, "mechanism": "dp_lora", "task": "classification",
-                "config": config if config is not None else config_to_dict(parse_config(TINY)),
-                "data": {"label_names": ["a", "b"]}}
-    (rd / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    Ledger.create(rd / "ledger.jsonl", mechanism="dp_lora", target_delta=1e-5).close()
-    (rd / "ledger.jsonl.lock").unlink(missing_ok=True)
-    save_file({}, str(rd / "adapter.safetensors"))
-    return rd
 
 
 # ----------------------------------------------------------------------------------------------
