@@ -96,6 +96,9 @@ def _read_manifest(rd: Path) -> dict[str, Any]:
         raise ValueError(f"manifest: {rd / MANIFEST} must hold a JSON object, not {type(manifest).__name__}")
     if not isinstance(manifest.get("config"), dict):
         raise ValueError(f"manifest.config: {rd / MANIFEST} holds no config object")
+    for key, kind in (("data", dict), ("plan", dict), ("privacy", dict), ("metrics", dict), ("resumes", list)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise ValueError(f"manifest.{key}: must be a JSON {'object' if kind is dict else 'array'}")
     return manifest
 
 
@@ -359,7 +362,7 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
         checkpointer = Checkpointer(rd / CHECKPOINT_DIR, cfg.training.checkpoint_every)
         resuming = resume and checkpointer.latest() is not None
         if resume:
-            manifest["resumes"].append({
+            manifest.setdefault("resumes", []).append({
                 "at": datetime.now(timezone.utc).isoformat(),
                 "from_step": checkpointer.latest().step if resuming else 0,  # type: ignore[union-attr]
                 "ledger_releases_before": ledger_releases(ledger),
@@ -422,7 +425,11 @@ class LoadedRun:
 
 
 def _refuse_unsafe_files(rd: Path) -> None:
+    """Refuse pickle-based files, symlinks out of ``rd`` and anything that is neither a regular file nor
+    a folder (devices, FIFOs): nothing of the kind is ever opened."""
     for p in walk_run_dir(rd):
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            check_run_file(p, rd, "run_dir")
         if p.suffix.lower() in REFUSED_SUFFIXES:
             raise ValueError(
                 f"run_dir: {rd} contains {p.relative_to(rd)}: pickle-based files ({', '.join(REFUSED_SUFFIXES)}) "

@@ -154,6 +154,12 @@ def test_run_dir_files_that_are_devices_or_point_outside_are_refused(tmp_path: P
     os.mkfifo(rd / "manifest.json")  # a FIFO nobody writes to must not block the reader
     assert_rejected(run_cli(["audit", str(rd), "--quiet"], seconds=20), "not a regular file")
 
+    rd = crafted_run(tmp_path / "e", status="running")  # resume reads the checkpoint folder too
+    (rd / "checkpoint").mkdir()
+    os.symlink("/dev/zero", rd / "checkpoint" / "state.json")
+    assert_rejected(run_cli(["train", str(write_yaml(tmp_path / "e.yaml", TINY)), "-o", str(rd), "--resume",
+                             "--quiet"]), "state.json", "outside the run directory")
+
 
 @pytest.mark.parametrize("manifest", [[1, 2, 3], "text", None, {"status": "complete"},
                                       {"status": "complete", "config": [1]}])
