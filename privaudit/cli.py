@@ -123,6 +123,7 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
     if delta is None:
         fail_input("--delta: missing (the source names no target delta)")
     _unit_interval("--delta", delta, closed_right=False)
+    _delta_floor(delta)
     names = accountant_names() if accountant == "all" else [accountant]
     reduction = segments_from_events(events, relation or "add_remove")  # type: ignore[arg-type]
     results, unavailable = [], []
@@ -177,6 +178,13 @@ def _parse_steps(steps: str) -> int:
     return int(value)
 
 
+def _delta_floor(value: float) -> None:
+    from privaudit.config import MIN_DELTA
+
+    if value < MIN_DELTA:
+        fail_input(f"--delta: at least {MIN_DELTA:g}, got {value:g}")
+
+
 def _noise_range(value: float) -> None:
     from privaudit.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 
@@ -203,6 +211,7 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: st
     if target_epsilon > MAX_TARGET_EPSILON:
         fail_input(f"--target-epsilon: at most {MAX_TARGET_EPSILON:g}, got {target_epsilon:g}")
     _unit_interval("--delta", delta, closed_right=False)
+    _delta_floor(delta)
     _unit_interval("--sample-rate", sample_rate, closed_right=True)
     n_steps = _parse_steps(steps)
     if n_steps == 0:

@@ -35,6 +35,7 @@ MAX_SEED = 2**32 - 1  #: seeds are in [0, MAX_SEED]
 MAX_RECORDS = 200_000  #: synthetic records (n_people × records_per_person; ≈ 1 min to generate)
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-4, 1e6  #: σ > 0 lies in this range
 MAX_TARGET_EPSILON = 1000.0  #: largest target ε to calibrate to
+MIN_DELTA = 1e-100  #: smallest δ (below it the accountants' floating point breaks down)
 MAX_BATCH = 10**7  #: batch sizes (records)
 MAX_CONFIG_BYTES = 1 << 20  #: a config file
 
@@ -165,7 +166,7 @@ class PrivacySection(_Section):
     noise_multiplier: float | None = Field(None, ge=0, le=MAX_NOISE_MULTIPLIER)
     target_epsilon: float | None = Field(None, gt=0, le=MAX_TARGET_EPSILON)
     clip_norm: float = Field(1.0, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
+    delta: float = Field(1e-5, ge=MIN_DELTA, lt=1)
     accountant: Literal["rdp", "pld", "prv"] = "pld"
     neighbouring: Literal["add_remove", "replace"] = "add_remove"
     privacy_unit: Literal["record"] = "record"

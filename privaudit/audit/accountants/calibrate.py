@@ -39,14 +39,14 @@ def _finite_number(name: str, value: object) -> float:
 
 def _validate(target_epsilon: object, delta: object, sample_rate: object, steps: object,
               accountant: object, neighbouring: object) -> tuple[float, float, float, int]:
-    from privaudit.config import MAX_STEPS, MAX_TARGET_EPSILON  # documented limits (bounded time and memory)
+    from privaudit.config import MAX_STEPS, MAX_TARGET_EPSILON, MIN_DELTA  # documented limits
 
     eps = _finite_number("target_epsilon", target_epsilon)
     if not 0 < eps <= MAX_TARGET_EPSILON:
         raise ValueError(f"target_epsilon: must be in (0, {MAX_TARGET_EPSILON:g}], got {target_epsilon!r}")
     d = _finite_number("delta", delta)
-    if not 0 < d < 1:
-        raise ValueError(f"delta: must be in (0, 1), got {delta!r}")
+    if not MIN_DELTA <= d < 1:
+        raise ValueError(f"delta: must be in [{MIN_DELTA:g}, 1), got {delta!r}")
     q = _finite_number("sample_rate", sample_rate)
     if not 0 < q <= 1:
         raise ValueError(f"sample_rate: must be in (0, 1], got {sample_rate!r}")

@@ -132,6 +132,8 @@ class PRVAccountant(RDPDomainAccountant):
     def _compose(self, items: list[tuple[PairSpec, int]], segments: Sequence[Segment],
                  delta_error: float) -> Composed:
         k = sum(c for _, c in items)
+        if not delta_error > 1e-300:  # a subnormal δ: δ_err underflows to 0
+            raise ValueError(f"delta: too small for the PRV accountant (δ_err = {delta_error:g})")
         h = self.eps_error / math.sqrt(k / 2 * math.log(12 / delta_error))
         L = safe_domain_size(segments, self.eps_error, delta_error)
         # truncation of each variable: at most 1e-3·δ_err/k of mass per release beyond it
