@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -175,6 +176,7 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
         if steps is None:
             fail_input("--steps: missing (needed with --noise-multiplier and --sample-rate)")
         _positive_float("--noise-multiplier", noise_multiplier)
+        _noise_range(noise_multiplier)
         _unit_interval("--sample-rate", sample_rate, closed_right=True)
         n_steps = _parse_steps(steps)
         events = [GaussianEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
@@ -182,6 +184,7 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
     if delta is None:
         fail_input("--delta: missing (the source names no target delta)")
     _unit_interval("--delta", delta, closed_right=False)
+    _delta_floor(delta)
     names = accountant_names() if accountant == "all" else [accountant]
     reduction = segments_from_events(events, relation or "add_remove")  # type: ignore[arg-type]
     results, unavailable = [], []
@@ -244,13 +247,31 @@ def _gaussian_setting(events: Any) -> list[dict[str, Any]]:
 
 
 def _parse_steps(steps: str) -> int:
+    from privaudit.config import MAX_STEPS
+
     try:
         value = float(steps)
     except ValueError:
         fail_input(f"--steps: must be a non-negative integer, got {steps!r}")
     if not math.isfinite(value) or value < 0 or value != int(value):
         fail_input(f"--steps: must be a non-negative integer, got {steps!r}")
+    if value > MAX_STEPS:
+        fail_input(f"--steps: at most {MAX_STEPS:.0e}, got {steps!r}")
     return int(value)
+
+
+def _delta_floor(value: float) -> None:
+    from privaudit.config import MIN_DELTA
+
+    if value < MIN_DELTA:
+        fail_input(f"--delta: at least {MIN_DELTA:g}, got {value:g}")
+
+
+def _noise_range(value: float) -> None:
+    from privaudit.config import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
+
+    if not MIN_NOISE_MULTIPLIER <= value <= MAX_NOISE_MULTIPLIER:
+        fail_input(f"--noise-multiplier: must be in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}], got {value:g}")
 
 
 @cli.command()
@@ -268,9 +289,13 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: st
               neighbouring: str, as_json: bool) -> None:
     """The smallest noise multiplier whose ε does not exceed the target."""
     from privaudit.audit.accountants.calibrate import calibrate_noise
+    from privaudit.config import MAX_TARGET_EPSILON
 
     _positive_float("--target-epsilon", target_epsilon)
+    if target_epsilon > MAX_TARGET_EPSILON:
+        fail_input(f"--target-epsilon: at most {MAX_TARGET_EPSILON:g}, got {target_epsilon:g}")
     _unit_interval("--delta", delta, closed_right=False)
+    _delta_floor(delta)
     _unit_interval("--sample-rate", sample_rate, closed_right=True)
     n_steps = _parse_steps(steps)
     if n_steps == 0:
@@ -471,11 +496,14 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 @click.option("--confidence", type=float, default=0.95, show_default=True,
               help="Confidence of the empirical ε lower bound (Bonferroni over all bounds).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The auditor's seed.")
+@click.option("--model-path", type=click.Path(path_type=Path), default=None,
+              help="The base model's folder, when the run's model is neither bundled nor in the local HF cache "
+                   "(a path named in the run's manifest is never loaded).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (audit.json).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_PUBLIC_KEY_OPTION
 def audit(run_dir: Path | None, attacks: str | None, reference_models: int, confidence: float, seed: int,
-          as_json: bool, quiet: bool, public_key: Path | None, **external: Any) -> None:
+          model_path: Path | None, as_json: bool, quiet: bool, public_key: Path | None, **external: Any) -> None:
     """Audit a run: attacks, empirical ε lower bound, verdict; writes RUN_DIR/audit.json (exit 1 on a
     violation). With --model/--adapter: audit any checkpoint against --members/--non-members into -o.
 
@@ -499,7 +527,8 @@ def audit(run_dir: Path | None, attacks: str | None, reference_models: int, conf
         names = None if attacks is None else [a.strip() for a in attacks.split(",")]
         try:
             result = audit_run(run_dir, attacks=names, reference_models=reference_models, confidence=confidence,
-                               seed=seed, progress=not quiet, public_key=public_key)
+                               seed=seed, progress=not quiet, public_key=public_key,
+                               model_path=model_path)
         except LedgerCorruptError as exc:
             raise CheckFailed(f"ledger of {run_dir}: {exc}") from None
     if as_json:
@@ -555,6 +584,8 @@ def report(run_dirs: tuple[Path, ...], out_pdf: Path, quiet: bool, as_json: bool
 
     if not run_dirs:
         fail_input("RUN_DIR: give at least one run directory")
+    if not out_pdf.parent.is_dir():  # never create folders the user did not ask for
+        fail_input(f"-o: the folder {out_pdf.parent} does not exist")
     say = None if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
     out = build_report(list(run_dirs), out_pdf, progress=say, public_key=public_key)
     if as_json:
@@ -679,7 +710,9 @@ def demo(out_dir: Path, quick: bool, quiet: bool, as_json: bool, seed: int | Non
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI with the project's exit-code and error-message contract."""
     try:
-        cli.main(args=argv, prog_name="privaudit", standalone_mode=False)
+        with warnings.catch_warnings():  # numerical warnings are ours to handle, not the user's
+            warnings.simplefilter("ignore", RuntimeWarning)
+            cli.main(args=argv, prog_name="privaudit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
@@ -696,6 +729,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         click.echo(f"error: {_one_line(str(exc))}", err=True)
+        sys.exit(2)
+    except (MemoryError, OverflowError, RecursionError) as exc:  # input beyond what can be computed
+        click.echo(f"error: the input is too large to process ({type(exc).__name__}: "
+                   f"{_one_line(str(exc))[:200]})", err=True)
         sys.exit(2)
     sys.exit(0)
 

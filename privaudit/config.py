@@ -24,12 +24,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from privaudit.audit.events import ClaimEvent, Event, Neighbouring, format_validation_error
 from privaudit.models import LoraSettings
+from privaudit.safe_read import read_bounded, reject_bool_numbers
 
 Task = Literal["classification", "causal_lm"]
+
+# Documented limits: a config (or a manifest's config) beyond them is refused before any data is
+# generated or any model is built, so hostile values cannot make a run hang or exhaust memory.
+MAX_STEPS = 10**9  #: training steps (also the limit of ``privaudit epsilon/calibrate --steps``)
+MAX_SEED = 2**32 - 1  #: seeds are in [0, MAX_SEED]
+MAX_RECORDS = 200_000  #: synthetic records (n_people × records_per_person; ≈ 1 min to generate)
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-4, 1e6  #: σ > 0 lies in this range
+MAX_TARGET_EPSILON = 1000.0  #: largest target ε to calibrate to
+MIN_DELTA = 1e-100  #: smallest δ (below it the accountants' floating point breaks down)
+MAX_BATCH = 10**7  #: batch sizes (records)
+MAX_CONFIG_BYTES = 1 << 20  #: a config file
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return reject_bool_numbers(cls.model_fields, data)
 
 
 class ModelSection(_Section):
@@ -41,16 +58,31 @@ class ModelSection(_Section):
     max_length: int = Field(64, ge=2, le=8192, description="tokens per record (truncation)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
 
+    @field_validator("overrides")
+    @classmethod
+    def _no_remote_code(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "trust_remote_code" in v:
+            raise ValueError("trust_remote_code: refused: privaudit never runs code shipped with a model "
+                             "(remove it; models load with the classes transformers itself provides)")
+        return v
+
 
 class SyntheticSection(_Section):
     """Parameters of :func:`privaudit.data.generate_corpus`."""
 
-    n_people: int = Field(400, ge=1)
-    records_per_person: int = Field(3, ge=1)
-    n_canaries: int = Field(32, ge=0)
+    n_people: int = Field(400, ge=1, le=MAX_RECORDS)
+    records_per_person: int = Field(3, ge=1, le=1000)
+    n_canaries: int = Field(32, ge=0, le=10_000)
     canary_inclusion: float = Field(0.5, ge=0, le=1)
-    seed: int = 0
-    canary_formats: list[str] = Field(default_factory=lambda: ["pin4", "ssn", "phone", "card"])
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    canary_formats: list[str] = Field(default_factory=lambda: ["pin4", "ssn", "phone", "card"], max_length=100)
+
+    @model_validator(mode="after")
+    def _check_size(self) -> "SyntheticSection":
+        if self.n_people * self.records_per_person > MAX_RECORDS:
+            raise ValueError(f"n_people: n_people × records_per_person = {self.n_people * self.records_per_person}"
+                             f" records, more than the limit of {MAX_RECORDS}")
+        return self
 
 
 class DataSection(_Section):
@@ -66,7 +98,7 @@ class DataSection(_Section):
     id_column: str = "id"
     split: str | None = None
     heldout_fraction: float = Field(0.2, ge=0, lt=1)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     max_heldout: int | None = Field(None, ge=1, description="evaluate on at most this many records")
 
     @model_validator(mode="after")
@@ -90,20 +122,20 @@ class TrainingSection(_Section):
     (expected size) / ``sample_rate``. ``physical_batch_size`` splits a logical batch into chunks
     (memory only: the result is the same)."""
 
-    steps: int | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=0, le=MAX_STEPS)
     epochs: float | None = Field(None, gt=0)
     sampling: Literal["poisson", "fixed_batch"] = "poisson"
-    batch_size: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
     sample_rate: float | None = Field(None, gt=0, le=1)
-    physical_batch_size: int = Field(32, ge=1)
+    physical_batch_size: int = Field(32, ge=1, le=MAX_BATCH)
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     learning_rate: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (train only)")
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     eval_before: bool = Field(False, description="also measure held-out utility before training")
-    seed: int = Field(0, description="model init, LoRA init and dropout")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="model init, LoRA init and dropout")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":
@@ -131,32 +163,35 @@ class PrivacySection(_Section):
     """Exactly one of ``noise_multiplier`` (0 = non-private baseline: no guarantee) and
     ``target_epsilon`` (σ calibrated with ``accountant`` so that ε ≤ target at ``delta``)."""
 
-    noise_multiplier: float | None = Field(None, ge=0)
-    target_epsilon: float | None = Field(None, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0, le=MAX_NOISE_MULTIPLIER)
+    target_epsilon: float | None = Field(None, gt=0, le=MAX_TARGET_EPSILON)
     clip_norm: float = Field(1.0, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
+    delta: float = Field(1e-5, ge=MIN_DELTA, lt=1)
     accountant: Literal["rdp", "pld", "prv"] = "pld"
     neighbouring: Literal["add_remove", "replace"] = "add_remove"
     privacy_unit: Literal["record"] = "record"
     norm_method: Literal["auto", "ghost", "materialise"] = "auto"
     noise_seed: int | None = Field(
-        None, description="None (default): noise and sampling seeded from OS entropy. A fixed seed makes "
+        None, ge=0, le=MAX_SEED, description="None (default): noise and sampling seeded from OS entropy. A fixed seed makes "
         "the run reproducible but lets whoever holds the config regenerate the noise: tests only.")
-    claims: list[ClaimSection] = Field(default_factory=list)
+    claims: list[ClaimSection] = Field(default_factory=list, max_length=100)
 
     @model_validator(mode="after")
     def _check(self) -> "PrivacySection":
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("noise_multiplier: give exactly one of privacy.noise_multiplier and "
                              "privacy.target_epsilon")
+        if self.noise_multiplier is not None and 0 < self.noise_multiplier < MIN_NOISE_MULTIPLIER:
+            raise ValueError(f"noise_multiplier: must be 0 (non-private) or at least {MIN_NOISE_MULTIPLIER:g}, "
+                             f"got {self.noise_multiplier:g}")
         return self
 
 
 class AuditSection(_Section):
     """White-box gradient canaries for one-run audits (see ``privaudit.mechanisms.training``)."""
 
-    gradient_canaries: int = Field(0, ge=0)
-    gradient_canary_seed: int | None = Field(None, description="None: drawn from OS entropy")
+    gradient_canaries: int = Field(0, ge=0, le=100_000)
+    gradient_canary_seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: drawn from OS entropy")
 
 
 class RunConfig(_Section):
@@ -178,6 +213,17 @@ class RunConfig(_Section):
         if v not in mechanism_names():
             raise ValueError(f"unknown mechanism {v!r} (choose from {', '.join(mechanism_names())})")
         return v
+
+    @model_validator(mode="after")
+    def _check_options(self) -> "RunConfig":
+        if self.options and self.mechanism in _NO_OPTIONS:  # other mechanisms validate their own
+            raise ValueError(f"options: unknown option {next(iter(self.options))!r} ({self.mechanism} "
+                             "takes no options)")
+        return self
+
+
+#: Mechanisms without an ``options`` block (any key there is a mistake).
+_NO_OPTIONS = frozenset({"dp_lora"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,8 +266,13 @@ OptionsT = TypeVar("OptionsT", bound=BaseModel)
 def parse_options(settings: type[OptionsT], options: Mapping[str, Any] | None) -> OptionsT:
     """A mechanism's ``options`` block validated as its ``settings`` model; a ``ValueError`` starting
     ``options.<field>:`` (or ``options:`` when no field is to blame) otherwise."""
+    opts = dict(options or {})
     try:
-        return settings.model_validate(dict(options or {}))
+        reject_bool_numbers(settings.model_fields, opts)
+    except ValueError as exc:
+        raise ValueError(f"options.{exc}") from None
+    try:
+        return settings.model_validate(opts)
     except ValidationError as exc:
         text = _field_error(exc)
         head = text.partition(": ")[0]
@@ -252,24 +303,52 @@ def _unknown_key(err: Any, missing: list[Any]) -> str:
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) run config."""
     p = Path(path)
+    data = read_config_data(p)
+    return parse_config(data if data is not None else {}, base_dir=p.parent)
+
+
+def read_config_data(path: str | Path) -> Any:
+    """The parsed content of a YAML or TOML config file: a regular file of at most
+    ``MAX_CONFIG_BYTES``, YAML without aliases; a ``ValueError`` starting ``config:`` otherwise."""
+    p = Path(path)
     if not p.exists():
         raise ValueError(f"config: {p} does not exist")
     if p.is_dir():
         raise ValueError(f"config: {p} is a directory, not a config file")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise ValueError(f"config: {p}: unsupported file type {suffix or '(none)'!r} (use .yaml or .toml)")
     try:
-        if suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        elif suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            raise ValueError(f"config: {p}: unsupported file type {suffix or '(none)'!r} (use .yaml or .toml)")
+        text = read_bounded(p, "config", MAX_CONFIG_BYTES).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"config: {p} is not UTF-8 text") from None
+    try:
+        data = load_yaml_text(text) if suffix != ".toml" else tomllib.loads(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"config: {p} is not valid YAML ({' '.join(str(exc).split())})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config: {p} is not valid TOML ({exc})") from None
-    return parse_config(data if data is not None else {}, base_dir=p.parent)
+    except RecursionError:
+        raise ValueError(f"config: {p} is nested too deeply") from None
+    return data
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): a few lines of nested aliases expand to
+    billions of nodes for whatever walks the result (the "billion laughs" bomb)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not supported "
+                                              "in privaudit files; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` without aliases (see :class:`_NoAliasLoader`); ``yaml.YAMLError`` if bad.
+    Callers bound the text's size."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -6,7 +6,11 @@
   ``LlamaForCausalLM`` (or their ``...ForSequenceClassification``) built from configs, using the
   MiniLM WordPiece tokenizer ([CLS] = bos, [SEP] = eos, [PAD] = pad); sizes overridable by kwargs.
 * Any other name: a local directory or an HF id already in the local cache. Every
-  ``from_pretrained`` passes ``local_files_only=True``: privaudit never downloads.
+  ``from_pretrained`` passes ``local_files_only=True``: privaudit never downloads; and
+  ``trust_remote_code=False``: code shipped with a model (``auto_map`` + ``modeling_*.py``) is never
+  run, and ``trust_remote_code`` in overrides is refused. Overrides of a pretrained model must be
+  fields of its config. A name read from a run directory's manifest goes through
+  :func:`resolve_untrusted_model_name` (bundled names and HF-cache ids only, never a path).
 
 Random initialisation (fresh heads, tiny models, LoRA factors) is seeded inside
 ``torch.random.fork_rng``, so the caller's global RNG state is left untouched.
@@ -18,11 +22,12 @@ import contextlib
 import functools
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # PEFT still calls a transformers method deprecated in v5; the warning is theirs, not the user's.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -65,6 +70,15 @@ _ENCODERS = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2"
 _HEAD_NAMES = ("classifier", "score", "pre_classifier", "classification_head")
 
 Task = Literal["classification", "causal_lm"]
+#: Largest tiny model (parameters, estimated from its config) that overrides may ask for.
+MAX_TINY_PARAMETERS = 500_000_000
+#: Keyword arguments of ``from_pretrained`` that are never taken from overrides (they are loader
+#: settings, not config fields; ``trust_remote_code`` would run code shipped with the model).
+_REFUSED_OVERRIDES = frozenset({
+    "trust_remote_code", "code_revision", "revision", "local_files_only", "use_safetensors", "cache_dir",
+    "token", "force_download", "proxies", "subfolder", "from_tf", "from_flax", "device_map", "state_dict",
+    "config", "quantization_config", "weights_only", "gguf_file", "variant", "auto_map",
+})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,6 +130,40 @@ def _resolve_name(name_or_path: str) -> tuple[str, str]:
     return "pretrained", key
 
 
+_HF_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def is_model_path(name: str) -> bool:
+    """True for a name that is neither a bundled model nor an HF id (``org/name``): a folder."""
+    key = name.strip()
+    if key.lower() in (TINY_GPT2, TINY_LLAMA) or key.lower() in _MINILM_ALIASES:
+        return False
+    return not _HF_REPO_ID.fullmatch(key) or ".." in key
+
+
+def resolve_untrusted_model_name(name: object, field: str = "model.name") -> str:
+    """The model a name read from an untrusted source (a run directory's manifest) may load: a bundled
+    name as is, or an HF id (``org/name``) resolved to its snapshot folder in the local Hugging Face
+    cache. Anything else — a path, absolute or relative — is a ``ValueError`` naming ``field``: a
+    manifest never chooses which folder is loaded (the user passes a local model folder explicitly,
+    e.g. ``privaudit audit --model-path``)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{field}: expected a model name, got {name!r}")
+    key = name.strip()
+    if key.lower() in (TINY_GPT2, TINY_LLAMA) or key.lower() in _MINILM_ALIASES:
+        return key
+    if is_model_path(key):
+        raise ValueError(f"{field}: {name!r} is not a bundled model or a Hugging Face id; a model path is "
+                         "never taken from a run directory (pass the model folder yourself, e.g. --model-path)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return str(snapshot_download(key, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise _not_found(key, "not in the local Hugging Face cache") from None
+
+
 def _not_found(name: str, why: str) -> ValueError:
     return ValueError(
         f"model: {name!r} not found locally (privaudit never downloads): {why}. Use a local directory, an "
@@ -149,7 +197,7 @@ def _pretrained_tokenizer(name: str, location: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(location, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(location, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise _not_found(name, f"no tokenizer ({type(exc).__name__})") from None
     if tok.pad_token is None:
@@ -218,7 +266,7 @@ def _build_tiny(
     config_cls = GPT2Config if kind == TINY_GPT2 else LlamaConfig
     reference = config_cls()
     for key in overrides:
-        if not hasattr(reference, key):
+        if key in _REFUSED_OVERRIDES or not hasattr(reference, key):
             raise ValueError(f"{key}: not a {config_cls.__name__} field (overrides for {kind!r})")
     settings: dict[str, Any] = {
         "vocab_size": len(tok),
@@ -233,11 +281,32 @@ def _build_tiny(
     if task == "classification":
         settings["num_labels"] = num_labels
     config = config_cls(**settings)
+    _check_tiny_size(kind, config)
     if kind == TINY_GPT2:
         cls = GPT2LMHeadModel if task == "causal_lm" else GPT2ForSequenceClassification
     else:
         cls = LlamaForCausalLM if task == "causal_lm" else LlamaForSequenceClassification
     return cls(config)
+
+
+def _check_tiny_size(kind: str, config: Any) -> None:
+    """Refuse tiny-model overrides whose parameter count (estimated from the config, before anything
+    is allocated) exceeds ``MAX_TINY_PARAMETERS``."""
+    def dim(name: str) -> int:
+        v = getattr(config, name, None)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: must be a positive integer (overrides for {kind!r}), got {v!r}")
+        return v
+
+    if kind == TINY_GPT2:
+        h, layers = dim("n_embd"), dim("n_layer")
+        n = (dim("vocab_size") + dim("n_positions")) * h + layers * 12 * h * h
+    else:
+        h, layers = dim("hidden_size"), dim("num_hidden_layers")
+        n = 2 * dim("vocab_size") * h + layers * (4 * h * h + 3 * h * dim("intermediate_size"))
+    if n > MAX_TINY_PARAMETERS:
+        raise ValueError(f"overrides: {kind!r} with these sizes has about {n:.3g} parameters, more than the "
+                         f"limit of {MAX_TINY_PARAMETERS:.0e} for the tiny models")
 
 
 @contextlib.contextmanager
@@ -280,9 +349,13 @@ def _load_pretrained(
     if Path(location).is_dir() and not (Path(location) / "config.json").exists():
         raise _not_found(name, "the directory has no config.json")
     try:
-        config = AutoConfig.from_pretrained(location, local_files_only=True)
+        config = AutoConfig.from_pretrained(location, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise _not_found(name, f"no config ({type(exc).__name__})") from None
+    for key in overrides:  # config fields only: loader arguments (trust_remote_code, revision, ...) never pass
+        if key in _REFUSED_OVERRIDES or not hasattr(config, key):
+            raise ValueError(f"{key}: not a {type(config).__name__} field (overrides for {name!r} change "
+                             "the model config only)")
     tok = _pretrained_tokenizer(name, location)
     if task == "causal_lm" and config.model_type in _ENCODERS:
         raise ValueError(f"task: {name!r} is an encoder ({config.model_type}); use 'classification'")
@@ -296,13 +369,17 @@ def _load_pretrained(
     try:
         with _quiet_transformers():
             if task == "causal_lm":
-                model = AutoModelForCausalLM.from_pretrained(location, local_files_only=True, **overrides)
+                model = AutoModelForCausalLM.from_pretrained(location, local_files_only=True,
+                                                             trust_remote_code=False, use_safetensors=True,
+                                                             **overrides)
             else:
                 model = classifier_cls.from_pretrained(
                     location,
                     local_files_only=True,
                     num_labels=num_labels,
                     ignore_mismatched_sizes=True,
+                    trust_remote_code=False,
+                    use_safetensors=True,
                     **overrides,
                 )
     except OSError as exc:
@@ -417,13 +494,20 @@ class LoraSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    rank: int = Field(8, ge=1)
+    rank: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None
     init_a: Literal["peft_default", "gaussian_1_over_r"] = "peft_default"
     train_head: bool = True
     freeze_a: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        from privaudit.safe_read import reject_bool_numbers
+
+        return reject_bool_numbers(cls.model_fields, data)
 
 
 def _model_task(model: torch.nn.Module) -> str | None:

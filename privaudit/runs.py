@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +34,7 @@ from privaudit.audit.events import GaussianEvent, PlaintextEvent
 from privaudit.audit.ledger import Ledger, LedgerCorruptError
 from privaudit.config import RunConfig, claims_of, config_to_dict, parse_config, resolve_plan
 from privaudit.durable import write_atomic
+from privaudit.safe_read import check_run_file, read_json_file, walk_run_dir
 
 MANIFEST = "manifest.json"
 LEDGER = "ledger.jsonl"
@@ -40,6 +42,7 @@ ADAPTER = "adapter.safetensors"
 ADAPTER_INIT = "adapter_init.safetensors"
 AUDIT_KEY = "audit_key.json"
 CHECKPOINT_DIR = "checkpoint"
+RUN_LOCK = ".train.lock"  # held by the one process writing the run directory; removed when it is done
 REFUSED_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")
 ACCOUNTANTS = ("rdp", "pld", "prv")
 
@@ -83,12 +86,83 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{what}: {path} does not exist") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what}: {path} is not valid JSON ({exc})") from None
+    """A JSON file of a run directory: a regular file inside it, at most ``MAX_JSON_BYTES``."""
+    return read_json_file(path, what, root=path.parent)
+
+
+def _read_manifest(rd: Path) -> dict[str, Any]:
+    """``manifest.json`` of ``rd``: a JSON object with a ``config`` object (else a ``ValueError``)."""
+    manifest = _read_json(rd / MANIFEST, "manifest")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"manifest: {rd / MANIFEST} must hold a JSON object, not {type(manifest).__name__}")
+    if not isinstance(manifest.get("config"), dict):
+        raise ValueError(f"manifest.config: {rd / MANIFEST} holds no config object")
+    for key, kind in (("data", dict), ("plan", dict), ("privacy", dict), ("metrics", dict), ("resumes", list)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise ValueError(f"manifest.{key}: must be a JSON {'object' if kind is dict else 'array'}")
+    return manifest
+
+
+def _lock_run_dir(rd: Path) -> int:
+    """Take the run directory's exclusive lock (``RUN_LOCK``, flock) before anything is written; a
+    :class:`LedgerLockedError` if another process holds it."""
+    import fcntl
+
+    from privaudit.audit.ledger import LedgerLockedError
+
+    path = rd / RUN_LOCK
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LedgerLockedError(f"run_dir: {rd} is being written by another process") from None
+        try:  # the previous holder unlinks the file before unlocking: then lock the new one
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise LedgerLockedError(f"run_dir: {rd} is being written by another process")
+
+
+def _unlock_run_dir(rd: Path, fd: int) -> None:
+    """Remove the lock files (the run lock and the ledger's) and release the lock."""
+    import fcntl
+
+    for name in (LEDGER + ".lock", RUN_LOCK):
+        (rd / name).unlink(missing_ok=True)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _discard_unreleased(rd: Path, created: bool) -> None:
+    """After a new run failed: if its ledger records no event (nothing was released), remove what the
+    run wrote (the directory was empty before), so that a re-run starts cleanly. A ledger with events,
+    or one that cannot be read, is kept: ``--resume`` continues from it."""
+    import shutil
+
+    ledger_path = rd / LEDGER
+    if ledger_path.exists():
+        try:
+            if Ledger.read(ledger_path).events:
+                return
+        except Exception:  # damaged: keep it for inspection
+            return
+    for p in rd.iterdir():
+        if p.name == RUN_LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if created:
+        try:
+            (rd / RUN_LOCK).unlink(missing_ok=True)
+            rd.rmdir()
+        except OSError:
+            pass
 
 
 def ledger_releases(ledger: Ledger) -> int:
@@ -179,14 +253,49 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
     """Train ``cfg`` and write the run directory ``run_dir`` (see the module docstring).
 
     ``resume=True`` continues an interrupted run in ``run_dir`` (``cfg`` may then be None: the saved
-    config is used; if given it must equal the saved one). ``progress``: True for a progress bar on
-    stderr, False for none, or a callable ``(step, total, info)``.
+    config is used, and its model name must be a bundled model or an HF id in the local cache, never
+    a path: see :func:`privaudit.models.resolve_untrusted_model_name`; if given it must equal the saved
+    one). ``progress``: True for a progress bar on stderr, False for none, or a callable
+    ``(step, total, info)``.
 
     A finished run seals its ledger (event lines, releases, head hash), signed with ``signing_key``
     (an Ed25519 private key or PEM path, see ``privaudit keygen``) when given; the manifest keeps the
     seal (``ledger_seal``) and the head hash (``ledger_head_hash``). A crashed run's ledger is unsealed
     and ``resume`` continues it; a sealed ledger is never reopened (``LedgerSealedError``).
+
+    The directory's lock (``RUN_LOCK``) is taken before anything is written: a second process
+    training into the same directory is refused (:class:`~privaudit.audit.ledger.LedgerLockedError`)
+    without touching it. Lock files are removed when the call returns. A new run that fails before
+    its ledger records any event leaves no files behind (a re-run starts afresh); one that fails
+    later is left for ``resume=True``.
     """
+    rd = Path(run_dir)
+    if rd.exists() and not rd.is_dir():
+        raise ValueError(f"run_dir: {rd} exists and is not a directory")
+    if resume and not (rd / MANIFEST).exists():
+        raise ValueError(f"run_dir: {rd} holds no run to resume (no {MANIFEST})")
+    if not resume and rd.exists() and any(p.name != RUN_LOCK for p in rd.iterdir()):
+        raise ValueError(f"run_dir: {rd} exists and is not empty (use --resume to continue a run)")
+    created = not rd.exists()
+    try:
+        rd.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"run_dir: {rd} cannot be created ({exc.strerror})") from None
+    fd = _lock_run_dir(rd)
+    done = False
+    try:
+        result = _train_locked(cfg, rd, resume=resume, progress=progress, signing_key=signing_key)
+        done = True
+        return result
+    finally:
+        if not done and not resume:
+            _discard_unreleased(rd, created)
+        _unlock_run_dir(rd, fd)
+
+
+def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
+                  progress: bool | Callable[[int, int, dict[str, Any]], None], signing_key: Any = None) -> RunResult:
+    """:func:`train` once the run directory's lock is held."""
     from privaudit.audit.seal import load_signing_key
     from safetensors.torch import save_file
 
@@ -201,17 +310,21 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
         if not manifest_path.exists():
             raise ValueError(f"run_dir: {rd} holds no run to resume (no {MANIFEST})")
         _refuse_unsafe_files(rd)
-        manifest = _read_json(manifest_path, "manifest")
+        manifest = _read_manifest(rd)
         if manifest.get("status") == "complete":
             raise ValueError(f"run_dir: the run in {rd} is already complete")
         saved = parse_config(manifest["config"])
         if cfg is not None and config_to_dict(cfg) != config_to_dict(saved):
             raise ValueError(f"config: differs from the config of the interrupted run in {rd}")
+        if cfg is None:  # the model comes from the manifest: bundled or HF cache only, never a path
+            from privaudit.models import resolve_untrusted_model_name
+
+            resolve_untrusted_model_name(saved.model.name, "manifest.config.model.name")
         cfg = saved
     else:
         if cfg is None:
             raise ValueError("config: required for a new run")
-        if rd.exists() and (not rd.is_dir() or any(rd.iterdir())):
+        if rd.exists() and (not rd.is_dir() or any(p.name != RUN_LOCK for p in rd.iterdir())):
             raise ValueError(f"run_dir: {rd} exists and is not empty (use --resume to continue a run)")
         manifest = {}
 
@@ -265,7 +378,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
         checkpointer = Checkpointer(rd / CHECKPOINT_DIR, cfg.training.checkpoint_every)
         resuming = resume and checkpointer.latest() is not None
         if resume:
-            manifest["resumes"].append({
+            manifest.setdefault("resumes", []).append({
                 "at": datetime.now(timezone.utc).isoformat(),
                 "from_step": checkpointer.latest().step if resuming else 0,  # type: ignore[union-attr]
                 "ledger_releases_before": ledger_releases(ledger),
@@ -333,7 +446,11 @@ class LoadedRun:
 
 
 def _refuse_unsafe_files(rd: Path) -> None:
-    for p in rd.rglob("*"):
+    """Refuse pickle-based files, symlinks out of ``rd`` and anything that is neither a regular file nor
+    a folder (devices, FIFOs): nothing of the kind is ever opened."""
+    for p in walk_run_dir(rd):
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            check_run_file(p, rd, "run_dir")
         if p.suffix.lower() in REFUSED_SUFFIXES:
             raise ValueError(
                 f"run_dir: {rd} contains {p.relative_to(rd)}: pickle-based files ({', '.join(REFUSED_SUFFIXES)}) "
@@ -341,13 +458,45 @@ def _refuse_unsafe_files(rd: Path) -> None:
             )
 
 
-def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any = None) -> LoadedRun:
+#: Most gradient canaries an audit key may list (the auditor scores each one).
+MAX_GRADIENT_CANARIES = 1_000_000
+
+
+def _check_audit_key(key: Any) -> None:
+    """Shape and size checks of ``audit_key.json`` before the auditor uses it (``ValueError`` naming
+    the field): an object; gradient canaries with a count ≤ ``MAX_GRADIENT_CANARIES`` that matches
+    their ``included`` list."""
+    if not isinstance(key, dict):
+        raise ValueError(f"audit_key: must be a JSON object, not {type(key).__name__}")
+    gc = key.get("gradient_canaries")
+    if gc is not None:
+        if not isinstance(gc, dict):
+            raise ValueError("audit_key.gradient_canaries: must be an object or null")
+        count, included = gc.get("count"), gc.get("included")
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_GRADIENT_CANARIES:
+            raise ValueError(f"audit_key.gradient_canaries.count: must be an integer in "
+                             f"[0, {MAX_GRADIENT_CANARIES}], got {count!r}")
+        if not isinstance(included, list) or len(included) != count:
+            raise ValueError("audit_key.gradient_canaries.included: must list one flag per canary")
+    for name in ("records", "canaries"):
+        if key.get(name) is not None and not isinstance(key[name], (dict, list)):
+            raise ValueError(f"audit_key.{name}: malformed")
+
+
+def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any = None,
+             model_path: str | Path | None = None) -> LoadedRun:
     """Read a run directory (safetensors and JSON only; nothing in it is executed). A directory holding
-    ``*.pkl``/``*.pickle``/``*.bin``/``*.pt``/``*.pth`` files is refused with a ``ValueError``.
+    ``*.pkl``/``*.pickle``/``*.bin``/``*.pt``/``*.pth`` files is refused with a ``ValueError``, and so
+    is a file of it that is not a regular file or is a symlink out of the directory.
 
     The ledger must verify against the manifest (sealed, same head hash and seal) and, with
     ``public_key`` (Ed25519 key or PEM path), carry a seal signed by its private key: otherwise
-    ``LedgerCorruptError`` naming the first bad line or the disagreement."""
+    ``LedgerCorruptError`` naming the first bad line or the disagreement.
+
+    Everything the manifest says is untrusted: the base model it names must be a bundled model or an
+    HF id in the local cache (:func:`privaudit.models.resolve_untrusted_model_name`); a model folder
+    is used only when the caller passes it as ``model_path`` (it then replaces the manifest's name).
+    ``trust_remote_code`` is refused wherever it appears."""
     from safetensors.torch import load_file
 
     from privaudit.mechanisms.training import build_model
@@ -357,17 +506,36 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     if not rd.is_dir():
         raise ValueError(f"run_dir: {rd} is not a directory")
     _refuse_unsafe_files(rd)
-    manifest = _read_json(rd / MANIFEST, "manifest")
+    manifest = _read_manifest(rd)
     if manifest.get("status") != "complete":
         raise ValueError(f"run_dir: the run in {rd} is not complete (status {manifest.get('status')!r})")
     cfg = parse_config(manifest["config"])
+    if model_path is not None:  # the user's own choice of model folder
+        if not Path(model_path).is_dir():
+            raise ValueError(f"model_path: {model_path} is not a directory")
+        location = str(Path(model_path).resolve())
+    else:
+        from privaudit.models import resolve_untrusted_model_name
+
+        location = resolve_untrusted_model_name(cfg.model.name, "manifest.config.model.name")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": location})})
+    for name in (LEDGER, ADAPTER, ADAPTER_INIT, AUDIT_KEY):
+        check_run_file(rd / name, rd, f"run_dir: {name}")
     ledger = Ledger.read(rd / LEDGER, public_key=public_key, manifest=manifest)
     if ledger.status != "intact":  # pragma: no cover - a complete manifest already demands the seal
         raise LedgerCorruptError(f"ledger {rd / LEDGER}: {ledger.status}")
     adapter_path = rd / ADAPTER
     if not adapter_path.exists():
         raise ValueError(f"run_dir: {rd} has no {ADAPTER}")
-    num_labels = max(2, len(manifest.get("data", {}).get("label_names", [])))
+    key_path = rd / AUDIT_KEY  # checked before anything expensive is built
+    audit_key = _read_json(key_path, "audit_key") if key_path.exists() else None
+    if audit_key is not None:
+        _check_audit_key(audit_key)
+    data_section = manifest.get("data")
+    labels = data_section.get("label_names") if isinstance(data_section, dict) else None
+    num_labels = max(2, len(labels) if isinstance(labels, list) else 0)
+    if num_labels > 100_000:  # the classification head is built with one row per label
+        raise ValueError(f"manifest.data.label_names: {num_labels} labels, more than the limit of 100000")
     from privaudit.mechanisms import get_mechanism
 
     loader = getattr(get_mechanism(cfg.mechanism), "load_released_model", None)  # e.g. a side network
@@ -377,8 +545,6 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
         model, tok = build_model(cfg, num_labels, resolve_device(device or cfg.model.device))
         load_trainable_state_dict(model, load_file(str(adapter_path)))
     model.eval()
-    key_path = rd / AUDIT_KEY
-    audit_key = _read_json(key_path, "audit_key") if key_path.exists() else None
     init_path = rd / ADAPTER_INIT
     theta_0 = load_file(str(init_path)) if init_path.exists() else None
     return LoadedRun(rd, manifest, cfg, ledger, model, tok, audit_key, theta_0)

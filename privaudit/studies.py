@@ -30,10 +30,9 @@ def _read(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config: {p} is not a file")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"config: {p} is not valid YAML ({' '.join(str(exc).split())})") from None
+    from privaudit.config import read_config_data  # bounded, alias-free
+
+    raw = read_config_data(p) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config: {p} must hold a mapping")
     return raw

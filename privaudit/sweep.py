@@ -279,13 +279,19 @@ def load_sweep_config(path: str | Path) -> tuple[dict[str, Any], list[SweepPoint
 
 
 def _read_mapping(p: Path) -> dict[str, Any]:
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() == ".toml":
-        import tomllib
+    from privaudit.config import read_config_data  # bounded, alias-free
 
-        return tomllib.loads(text)
-    data = yaml.safe_load(text)
+    data = read_config_data(p)
     return data if isinstance(data, dict) else {}
+
+
+def _user_model_path(cfg: Any) -> str | None:
+    """The sweep's own config names the model: a folder there is the user's choice, passed on to the
+    audit (which never takes a folder from a manifest)."""
+    from privaudit.models import is_model_path
+
+    name = cfg.model.name if isinstance(cfg, RunConfig) else None
+    return name if name is not None and is_model_path(name) else None
 
 
 def point_status(run_dir: Path) -> str:
@@ -337,7 +343,7 @@ def run_sweep(base: Mapping[str, Any] | RunConfig, points: Sequence[SweepPoint],
             say(f"[{i}/{len(cfgs)}] {point.name}: auditing")
             kwargs = {"attacks": attacks, "reference_models": reference_models,
                       **(audit_settings(point) if audit_settings is not None else {})}
-            audit_run(rd, progress=not quiet, **kwargs)
+            audit_run(rd, progress=not quiet, **{"model_path": _user_model_path(cfg), **kwargs})
         run_dirs.append(rd)
         summaries.append(_summary(point, rd))
     (out / "sweep.json").write_text(json.dumps({"points": summaries}, indent=2), encoding="utf-8")

@@ -891,7 +891,7 @@ def _population(data: "DataBundle", need_z: bool, max_records: int, seed: int
     return [members[i] for i in m_idx], [nonmembers[i] for i in nm_idx], population, z
 
 
-def _load(run_dir: str | Path, public_key: Any = None) -> "LoadedRun":
+def _load(run_dir: str | Path, public_key: Any = None, model_path: str | Path | None = None) -> "LoadedRun":
     """:func:`privaudit.runs.load_run` (which refuses pickle-based files), with an unreadable
     safetensors file reported as a ``ValueError`` naming the run directory."""
     from safetensors import SafetensorError
@@ -899,7 +899,7 @@ def _load(run_dir: str | Path, public_key: Any = None) -> "LoadedRun":
     from privaudit.runs import load_run
 
     try:
-        return load_run(run_dir, public_key=public_key)
+        return load_run(run_dir, public_key=public_key, model_path=model_path)
     except SafetensorError as exc:
         raise ValueError(f"run_dir: {run_dir} holds a weights file that is not valid safetensors ({exc})") from None
 
@@ -939,6 +939,7 @@ def audit_run(
     n_bootstrap: int = 200,
     _write: bool = True,
     public_key: Any = None,
+    model_path: str | Path | None = None,
 ) -> AuditResult:
     """Audit the run in ``run_dir`` and write ``run_dir/audit.json`` (see the module docstring).
 
@@ -951,6 +952,8 @@ def audit_run(
     canary for exposure. A run directory holding pickle-based files is refused (``ValueError``).
     The ledger must verify against the manifest (and ``public_key``, an Ed25519 key or PEM path, when
     given): otherwise ``LedgerCorruptError`` naming the first bad line.
+    ``model_path``: the base model's folder, when the run's model is neither bundled nor in the local
+    HF cache (a manifest never chooses a folder itself; see :func:`privaudit.runs.load_run`).
     """
     from privaudit.runs import _write_json_atomic
 
@@ -960,7 +963,7 @@ def audit_run(
     prog = _Progress(progress)
     try:
         prog.log("loading the run")
-        run = _load(run_dir, public_key)
+        run = _load(run_dir, public_key, model_path)
         header = run.ledger.header
         observer = header.observer
         delta = header.target_delta if header.target_delta is not None else run.manifest.get("plan", {}).get("delta")

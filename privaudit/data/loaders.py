@@ -78,6 +78,8 @@ def load_records_with_labels(
     if p.is_dir():
         rows, columns, where = _read_hf_dir(p, split, class_names)
         typed = True
+    elif not p.is_file():  # a device or FIFO (e.g. a symlink to /dev/zero) is never read
+        raise ValueError(f"path: {str(p)!r} is not a regular file")
     elif p.suffix.lower() in _JSONL_SUFFIXES:
         rows, columns, where = _read_jsonl(p)
         typed = True

@@ -276,12 +276,9 @@ def _get(d: Any, *keys: str) -> Any:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what}: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{what}: {path} is not UTF-8 text") from None
+    from privaudit.safe_read import read_json_file  # a regular file in the run dir, size-capped
+
+    return read_json_file(path, what, root=path.parent)
 
 
 def _try_epsilon(events: Sequence[Any], delta: float, neighbouring: str, name: str

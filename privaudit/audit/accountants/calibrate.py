@@ -39,18 +39,20 @@ def _finite_number(name: str, value: object) -> float:
 
 def _validate(target_epsilon: object, delta: object, sample_rate: object, steps: object,
               accountant: object, neighbouring: object) -> tuple[float, float, float, int]:
+    from privaudit.config import MAX_STEPS, MAX_TARGET_EPSILON, MIN_DELTA  # documented limits
+
     eps = _finite_number("target_epsilon", target_epsilon)
-    if eps <= 0:
-        raise ValueError(f"target_epsilon: must be > 0, got {target_epsilon!r}")
+    if not 0 < eps <= MAX_TARGET_EPSILON:
+        raise ValueError(f"target_epsilon: must be in (0, {MAX_TARGET_EPSILON:g}], got {target_epsilon!r}")
     d = _finite_number("delta", delta)
-    if not 0 < d < 1:
-        raise ValueError(f"delta: must be in (0, 1), got {delta!r}")
+    if not MIN_DELTA <= d < 1:
+        raise ValueError(f"delta: must be in [{MIN_DELTA:g}, 1), got {delta!r}")
     q = _finite_number("sample_rate", sample_rate)
     if not 0 < q <= 1:
         raise ValueError(f"sample_rate: must be in (0, 1], got {sample_rate!r}")
     k = _finite_number("steps", steps)
-    if k != int(k) or k < 1:
-        raise ValueError(f"steps: must be a positive integer, got {steps!r}")
+    if k != int(k) or not 1 <= k <= MAX_STEPS:
+        raise ValueError(f"steps: must be an integer in [1, {MAX_STEPS:.0e}], got {steps!r}")
     if accountant not in accountant_names():
         raise ValueError(f"accountant: unknown {accountant!r} (choose from "
                          f"{', '.join(accountant_names())})")

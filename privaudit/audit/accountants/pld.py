@@ -286,6 +286,8 @@ def discretise_pessimistic(spec: PairSpec, grid: float, z: float = _Z_TAIL) -> D
     """Connect-the-dots discretisation: a pair on the grid that dominates the true pair."""
     lo, hi = loss_range(spec, z)
     j0, j1 = math.floor(lo / grid), max(math.ceil(hi / grid), math.floor(lo / grid) + 1)
+    if j1 - j0 + 1 > _MAX_FFT:  # one release alone would not fit the FFT window: coarsen first (bounded memory)
+        raise _GridTooFine(j1 - j0 + 1)
     j = np.arange(j0, j1 + 1)
     t = j * grid
     pg, qg = loss_tails(spec, t)
@@ -312,6 +314,8 @@ def discretise_optimistic(spec: PairSpec, grid: float, z: float = _Z_TAIL,
     """A pair on the grid dominated by the true one (garbling, then rounding losses down)."""
     lo, hi = loss_range(spec, z)
     j0, j1 = math.floor(lo / grid), max(math.ceil(hi / grid), math.floor(lo / grid) + 1)
+    if j1 - j0 + 1 > _MAX_FFT:  # one release alone would not fit the FFT window: coarsen first (bounded memory)
+        raise _GridTooFine(j1 - j0 + 1)
     j = np.arange(j0, j1 + 1)
     edges = (np.arange(j0, j1 + 2) - 0.5) * grid
     pg, qg = loss_tails(spec, edges)

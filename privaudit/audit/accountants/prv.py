@@ -253,13 +253,16 @@ class PRVAccountant(RDPDomainAccountant):
         """The composed PRV; ``mean_slack`` (k·η) and ``mass_slack`` (P-mass dropped beyond the
         single-release loss ranges) are attached to it for :meth:`_bounds`."""
         k = sum(c for _, c in items)
+        if not delta_error > 1e-300:  # a subnormal δ: δ_err underflows to 0
+            raise ValueError(f"delta: too small for the PRV accountant (δ_err = {delta_error:g})")
         h = self.eps_error / math.sqrt(k / 2 * math.log(12 / delta_error))
         L = safe_domain_size(segments, self.eps_error, delta_error)
         # truncation of each variable: at most 1e-3·δ_err/k of mass per release beyond it
         z = tail_quantile(1e4 * delta_error, k)
         while True:
             j_min, j_max = math.floor(-L / h), math.ceil(L / h)
-            n = sfft.next_fast_len(j_max - j_min + 1, real=True)  # (a wider domain is only safer)
+            n = j_max - j_min + 1  # (checked before next_fast_len, which overflows on huge meshes)
+            n = n if n > _MAX_POINTS else sfft.next_fast_len(n, real=True)  # (a wider domain is only safer)
             if n > _MAX_POINTS:
                 raise ValueError(
                     f"eps_error: {self.eps_error} needs a PRV mesh of {n} points for {k} releases; "
