@@ -19,6 +19,9 @@ add/remove neighbours at the level of the attacked unit:
   of its format (sampled when the space is larger than ``exposure_candidates``);
 * ``gradient_canaries_one_run`` — white-box: the run's gradient canaries scored from θ₀ and the final
   trainable weights (:func:`privaudit.mechanisms.training.score_gradient_canaries`).
+* ``gradient_canaries_every_step`` — white-box, an observer who sees every step: when the run kept
+  ``canary_steps.safetensors`` (``audit.record_canary_steps``), each canary scored by the likelihood
+  ratio of its per-step projections (:func:`privaudit.mechanisms.training.every_step_canary_scores`).
 
 Which attacks yield an ε lower bound: only those whose units were included independently with
 probability ½ — the canary attacks, via the one-run audit. Two one-run bounds are computed from the
@@ -74,7 +77,7 @@ AUDIT_FILE = "audit.json"
 RELEASED_MODEL = "released model"
 BUILTIN_ATTACKS: tuple[str, ...] = (
     "loss", "lira_online", "lira_offline", "rmia", "canary_membership", "canary_exposure",
-    "gradient_canaries_one_run",
+    "gradient_canaries_one_run", "gradient_canaries_every_step",
 )
 _REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia")
 AttackKind = Literal["membership", "canary", "inversion", "attribute"]
@@ -537,6 +540,25 @@ def _gradient_canary_attack(ctx: AuditContext) -> list[AttackScores]:
                          note="white-box: score = −⟨θ_final − θ₀, u_i/‖u_i‖⟩")]
 
 
+def _gradient_canary_every_step_attack(ctx: AuditContext) -> list[AttackScores]:
+    from safetensors.numpy import load_file
+
+    from privaudit.mechanisms.training import CANARY_STEPS_FILE, GradientCanaries, every_step_canary_scores
+
+    run = ctx.run
+    key = GradientCanaries.from_json(run.audit_key["gradient_canaries"])  # type: ignore[index]
+    proj = load_file(str(run.run_dir / CANARY_STEPS_FILE)).get("projections")
+    if proj is None or proj.ndim != 2 or proj.shape[1] != key.count or proj.shape[0] < 1:
+        raise ValueError(f"run_dir: {CANARY_STEPS_FILE} must hold 'projections' of shape (steps, {key.count})")
+    ctx.log(f"gradient canaries, every step: {key.count} canaries × {proj.shape[0]} steps")
+    scores = every_step_canary_scores(proj, key.clip_norm, key.sample_rate)
+    inc = np.array(key.included, dtype=bool)
+    return [AttackScores("gradient_canaries_every_step", "canary", scores[inc], scores[~inc], bound="one_run",
+                         metrics={"m": key.count, "sample_rate": key.sample_rate, "steps": int(proj.shape[0])},
+                         note="white-box, every step seen: score = Σ_t log-likelihood ratio of the canary's "
+                              "projection on step t's noisy sum (Nasr et al. 2023)")]
+
+
 # --------------------------------------------------------------------------------------------------
 # accounting, claims, bounds, verdict
 
@@ -808,6 +830,11 @@ def _plan(run: "LoadedRun", data: "DataBundle", observer: str, reference_models:
         else:
             available["canary_exposure"] = None if n_can >= 1 else "the run has no data canaries"
         available["gradient_canaries_one_run"] = None if gc else "the run has no gradient canaries"
+        from privaudit.mechanisms.training import CANARY_STEPS_FILE
+
+        available["gradient_canaries_every_step"] = (
+            None if gc and (run.run_dir / CANARY_STEPS_FILE).exists()
+            else "the run kept no per-step canary record (audit.record_canary_steps)")
     else:
         for name in BUILTIN_ATTACKS:
             available[name] = f"attacks the released model; this run's observer is '{observer}'"
@@ -927,7 +954,8 @@ def audit_run(
 
         outcomes: list[AttackScores] = []
         simple = {"loss": _loss_attack, "canary_membership": _canary_membership_attack,
-                  "canary_exposure": _canary_exposure_attack, "gradient_canaries_one_run": _gradient_canary_attack}
+                  "canary_exposure": _canary_exposure_attack, "gradient_canaries_one_run": _gradient_canary_attack,
+                  "gradient_canaries_every_step": _gradient_canary_every_step_attack}
         for name in builtins:
             if name in simple:
                 outcomes.extend(simple[name](ctx))
