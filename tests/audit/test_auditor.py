@@ -201,6 +201,24 @@ def test_one_run_white_box_audit_at_epsilon_4_is_not_vacuous(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_every_step_white_box_audit_uses_the_recorded_steps(tmp_path: Path) -> None:
+    cfg = {**CANARIES, "privacy": {"target_epsilon": 4.0, "accountant": "pld", "noise_seed": 11},
+           "audit": {"gradient_canaries": 500, "gradient_canary_seed": 13, "record_canary_steps": True}}
+    run = _train(cfg, tmp_path / "run")
+    res = audit_run(run, attacks=["gradient_canaries_one_run", "gradient_canaries_every_step"], _write=False)
+    es = res.attack("gradient_canaries_every_step")
+    assert es.metrics["steps"] == 20 and es.metrics["m"] == 500
+    assert set(es.by_bound) == {"one_run_steinke", "one_run_fdp"} and es.epsilon_lower is not None
+    assert es.metrics["auc"] > 0.55  # the leak is seen
+    assert res.epsilon_lower["n_bounds"] == 4 and res.verdict == "consistent"
+    assert 0 < res.epsilon_lower["value"] < res.accounted["compared"]["epsilon"]
+    assert res.to_json()["epsilon_lower"]["bound"] in ("one_run_steinke", "one_run_fdp")
+    (run / "canary_steps.safetensors").unlink()
+    with pytest.raises(ValueError, match="^attacks: gradient_canaries_every_step cannot run"):
+        audit_run(run, attacks=["gradient_canaries_every_step"], _write=False)
+
+
+@pytest.mark.slow
 def test_claims_are_checked_at_their_own_delta_with_bonferroni(canary_runs: tuple[Path, Path],
                                                              tmp_path: Path) -> None:
     run = _copy(canary_runs[1], tmp_path / "run")
