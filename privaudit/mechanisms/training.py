@@ -506,7 +506,7 @@ class CanaryStepRecorder:
     observer "sees every step", Nasr et al. 2023). Directions are cached when m·dim ≤ ``cache_limit``
     floats, else regenerated each step."""
 
-    def __init__(self, canaries: GradientCanaries, cache_limit: int = 1 << 26) -> None:
+    def __init__(self, canaries: GradientCanaries, cache_limit: int = 1 << 24) -> None:
         self.canaries = canaries
         self._dirs: torch.Tensor | None = None
         if canaries.count * canaries.dim <= cache_limit:
