@@ -27,7 +27,7 @@ Settings (``--settings``):
 
 ``--quick``: ε = 4 only, the demo's quick corpus and 1,000 gradient canaries. Timing is not the point
 here; the table is. Usage: ``python benchmarks/audit_tightness.py [--quick] [--epsilons 1,4,16]
-[--settings demo,full_batch] [--full-model] [--json]``.
+[--settings demo,full_batch] [--full-model] [--canaries N] [--seed S] [--json]``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ BOUNDS = ("one_run_steinke", "one_run_fdp")
 TINY_MODEL = {"name": "tiny-gpt2", "max_length": 24, "overrides": {"n_layer": 1, "n_embd": 64, "n_head": 2}}
 
 
-def _config(setting: str, epsilon: float, quick: bool, full_model: bool, seed: int) -> dict[str, Any]:
+def _config(setting: str, epsilon: float, quick: bool, full_model: bool, seed: int,
+            canaries: int | None = None) -> dict[str, Any]:
     from privaudit.demo import demo_config
 
     cfg = demo_config(quick=quick, noise_seed=seed)
@@ -60,6 +61,8 @@ def _config(setting: str, epsilon: float, quick: bool, full_model: bool, seed: i
                            "epochs": None, "steps": 10, "optimizer": "sgd", "learning_rate": 0.05}
     cfg["privacy"] = {**cfg["privacy"], "target_epsilon": float(epsilon), "noise_seed": seed}
     cfg["audit"] = {**cfg["audit"], "record_canary_steps": True, "gradient_canary_seed": seed + 1}
+    if canaries is not None:
+        cfg["audit"]["gradient_canaries"] = int(canaries)
     return cfg
 
 
@@ -68,12 +71,13 @@ def _point(setting: str, epsilon: float, args: argparse.Namespace, root: Path) -
     from privaudit.config import parse_config
     from privaudit.runs import train
 
-    cfg = _config(setting, epsilon, args.quick, args.full_model, args.seed)
+    cfg = _config(setting, epsilon, args.quick, args.full_model, args.seed, args.canaries)
     run_dir = root / f"{setting}_eps{epsilon:g}"
     t0 = time.perf_counter()
     train(parse_config(copy.deepcopy(cfg)), run_dir, progress=False)
     train_s = time.perf_counter() - t0
-    row: dict[str, Any] = {"setting": setting, "target_epsilon": epsilon, "train_s": round(train_s, 1)}
+    row: dict[str, Any] = {"setting": setting, "target_epsilon": epsilon, "train_s": round(train_s, 1),
+                           "gradient_canaries": cfg["audit"]["gradient_canaries"]}
     for design, attack in DESIGNS.items():
         try:
             res = audit_run(run_dir, attacks=[attack], _write=False)
@@ -119,6 +123,7 @@ def main() -> int:
     ap.add_argument("--epsilons", default=None, help="comma-separated target ε values (default 1,4,16)")
     ap.add_argument("--settings", default="demo,full_batch", help="comma-separated: demo, full_batch")
     ap.add_argument("--full-model", action="store_true", help="the demo's MiniLM model (minutes per point)")
+    ap.add_argument("--canaries", type=int, default=None, help="gradient canaries (default: the demo's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON after the table")
     args = ap.parse_args()

@@ -343,7 +343,7 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
           as_json: bool, quiet: bool) -> None:
     """Audit a run: attacks, empirical ε lower bound, verdict; writes RUN_DIR/audit.json (exit 1 on a
     violation)."""
-    from privaudit.audit.auditor import audit_run
+    from privaudit.audit.auditor import audit_run, bound_name
     from privaudit.audit.ledger import LedgerCorruptError
 
     names = None if attacks is None else [a.strip() for a in attacks.split(",")]
@@ -368,14 +368,17 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
             auc = "-" if m.get("auc") is None else f"{m['auc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
             tpr = [("-" if m.get(k) is None else f"{m[k]:.3f}") for k in ("tpr_at_0.1%_fpr", "tpr_at_1%_fpr")]
             table.add_row(a.name, a.kind, auc, *tpr,
-                          "-" if a.epsilon_lower is None else _format_eps(a.epsilon_lower.value))
+                          "-" if a.epsilon_lower is None else
+                          f"{_format_eps(a.epsilon_lower.value)} ({bound_name(a.epsilon_lower)})")
         console.print(table)
         acc = result.accounted
         eps_text = ", ".join(f"{k} {_format_eps(v if v is not None else math.inf)}" for k, v in acc["epsilon"].items())
         console.print(f"accounted ε at δ = {acc['delta']:g}: {eps_text}")
         el = result.epsilon_lower
         console.print(f"empirical ε lower bound: {_format_eps(el['value'])} at {100 * el['confidence']:g}% "
-                      f"confidence ({el.get('attack') or 'no bound'})")
+                      f"confidence ({el.get('attack') or 'no bound'}"
+                      + (f", {el['bound']} bound" + (" assuming a Gaussian trade-off curve" if el.get("assumption") else "")
+                         if el.get("bound") else "") + ")")
         for c in result.claimed:
             console.print(f"claimed ε = {c['epsilon']:g} at δ = {c['delta']:g} ({c['source'] or 'no source'}): "
                           f"{c['status']}")
