@@ -329,6 +329,9 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 # --------------------------------------------------------------------------------------------
 # audit
 # --------------------------------------------------------------------------------------------
+_SHORT_BOUND = {"one_run_steinke": "Steinke", "one_run_fdp": "f-DP"}  # the bound behind a table's ε lower
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--attacks", default=None, help="Comma-separated attacks (default: all that fit the run).")
@@ -369,7 +372,8 @@ def audit(run_dir: Path, attacks: str | None, reference_models: int, confidence:
             tpr = [("-" if m.get(k) is None else f"{m[k]:.3f}") for k in ("tpr_at_0.1%_fpr", "tpr_at_1%_fpr")]
             table.add_row(a.name, a.kind, auc, *tpr,
                           "-" if a.epsilon_lower is None else
-                          f"{_format_eps(a.epsilon_lower.value)} ({bound_name(a.epsilon_lower)})")
+                          f"{_format_eps(a.epsilon_lower.value)} "
+                          f"({_SHORT_BOUND.get(bound_name(a.epsilon_lower), bound_name(a.epsilon_lower))})")
         console.print(table)
         acc = result.accounted
         eps_text = ", ".join(f"{k} {_format_eps(v if v is not None else math.inf)}" for k, v in acc["epsilon"].items())
