@@ -12,7 +12,9 @@ before the noise. The seed, the inclusion bits, the parameter names/shapes and C
 scores canary i by ⟨θ_final − θ₀, u_i/‖u_i‖⟩ (:func:`score_gradient_canaries`): included canaries
 should score higher (in the direction of −∇, i.e. negative for SGD-like updates — the score is
 reported with the sign flipped so that "higher = more likely included"). A canary is one more unit of
-the add/remove relation, so the accounting is unchanged.
+the add/remove relation, so the accounting is unchanged. With ``audit.record_canary_steps`` the run
+also keeps every step's released noisy sum projected on the canaries (:class:`CanaryStepRecorder`,
+``canary_steps.safetensors``) for an auditor who sees every step (:func:`every_step_canary_scores`).
 """
 
 from __future__ import annotations
