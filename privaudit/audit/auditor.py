@@ -29,7 +29,8 @@ same guesses and the larger is reported, with its name in ``bound``: ``one_run_s
 Nasr, Jagielski 2023; assumption-free) and ``one_run_fdp`` (Mahloujifar, Melis, Chaudhuri 2024: a
 lower bound on the GDP μ, reported as ε(δ) of μ-GDP, which assumes a Gaussian trade-off curve and
 says so in ``assumption``). Records are split into train/held-out at a fixed fraction, not by
-independent fair coins, so the record-level attacks (loss, LiRA, RMIA) report metrics (AUC, TPR at low FPR) but no ε bound.
+independent fair coins, so the record-level attacks (loss, LiRA, RMIA) report metrics (AUC, TPR at
+low FPR) but no ε bound.
 
 Multiple testing: the reported ε_lower is the maximum over K bounds (K = attacks with a bound × (the
 distinct δ values checked — the target δ and each claim's δ — for the Steinke bound, + 1 for the f-DP
