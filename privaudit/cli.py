@@ -471,6 +471,9 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 # --------------------------------------------------------------------------------------------
 # audit
 # --------------------------------------------------------------------------------------------
+_SHORT_BOUND = {"one_run_steinke": "Steinke", "one_run_fdp": "f-DP"}  # the bound behind a table's ε lower
+
+
 @cli.command()
 @click.argument("run_dir", metavar="[RUN_DIR]", type=click.Path(path_type=Path), required=False)
 @click.option("--model", default=None, help="Audit a checkpoint instead of a run: HF model name (local cache) or path.")
@@ -510,7 +513,7 @@ def audit(run_dir: Path | None, attacks: str | None, reference_models: int, conf
     RUN_DIR: a run directory written by `privaudit train` (manifest.json, ledger.jsonl, the adapter as
     safetensors and audit_key.json, the auditor's record of which records and canaries were members).
     Verdicts: consistent, inconclusive (the audit could not test the accounted ε), violation, no guarantee."""
-    from privaudit.audit.auditor import audit_run
+    from privaudit.audit.auditor import audit_run, bound_name
     from privaudit.audit.ledger import LedgerCorruptError
 
     if external["model"] is not None or external["adapter"] is not None:
@@ -541,11 +544,13 @@ def audit(run_dir: Path | None, attacks: str | None, reference_models: int, conf
             auc = "-" if m.get("auc") is None else f"{m['auc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
             tpr = [("-" if m.get(k) is None else f"{m[k]:.3f}") for k in ("tpr_at_0.1%_fpr", "tpr_at_1%_fpr")]
             rows.append([a.name, a.kind, auc, *tpr,
-                         "-" if a.epsilon_lower is None else _format_eps(a.epsilon_lower.value),
+                         "-" if a.epsilon_lower is None else
+                         f"{_format_eps(a.epsilon_lower.value)} "
+                         f"({_SHORT_BOUND.get(bound_name(a.epsilon_lower), bound_name(a.epsilon_lower))})",
                          "-" if a.power is None else _format_eps(a.power)])
         print_table(f"audit of {run_dir} (observer: {result.observer})",
-                    ["attack", "kind", "AUC [CI]", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower", "power"], rows,
-                    right=("AUC [CI]", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower", "power"))
+                    ["attack", "kind", "AUC [CI]", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower (bound)", "power"], rows,
+                    right=("AUC [CI]", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower (bound)", "power"))
         acc = result.accounted
         eps_text = ", ".join(f"{k} {_format_eps(v if v is not None else math.inf)}" for k, v in acc["epsilon"].items())
         say(f"accounted ε at δ = {acc['delta']:g}: {eps_text}")
@@ -554,7 +559,9 @@ def audit(run_dir: Path | None, attacks: str | None, reference_models: int, conf
         el = result.epsilon_lower
         power = el.get("power")
         say(f"empirical ε lower bound: {_format_eps(el['value'])} at {100 * el['confidence']:g}% "
-            f"confidence ({el.get('attack') or 'no bound'})"
+            f"confidence ({el.get('attack') or 'no bound'}"
+            + (f", {el['bound']} bound" + (" assuming a Gaussian trade-off curve" if el.get("assumption") else "")
+               if el.get("bound") else "") + ")"
             + (f"; the most this audit could certify: {_format_eps(power)}" if power is not None else ""))
         for c in result.claimed:
             say(f"claimed ε = {c['epsilon']:g} at δ = {c['delta']:g} ({c['source'] or 'no source'}): {c['status']}")

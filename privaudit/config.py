@@ -192,6 +192,9 @@ class AuditSection(_Section):
 
     gradient_canaries: int = Field(0, ge=0, le=100_000)
     gradient_canary_seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: drawn from OS entropy")
+    record_canary_steps: bool = Field(
+        False, description="dp_lora: keep every step's noisy gradient sum projected on the gradient canaries "
+                           "(canary_steps.safetensors) for a white-box auditor who sees every step")
 
 
 class RunConfig(_Section):

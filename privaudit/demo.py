@@ -2,7 +2,8 @@
 
 Generates the synthetic PII corpus, sweeps DP-SGD on LoRA adapters of the bundled MiniLM encoder
 over three privacy levels plus a non-private baseline, audits each run (loss-threshold membership,
-canary membership, and a white-box one-run audit with gradient canaries), and renders the PDF.
+canary membership, and white-box one-run audits with gradient canaries, from the final weights and
+from every step's noisy update), and renders the PDF.
 Minutes on a laptop CPU; ``quick`` is a smaller version for CI.
 """
 
@@ -48,7 +49,8 @@ DEMO_CONFIG: dict[str, Any] = {
         "seed": 0,
     },
     "privacy": {"target_epsilon": 4.0, "delta": 1e-5, "clip_norm": 1.0, "accountant": "pld"},
-    "audit": {"gradient_canaries": 2000},
+    # record_canary_steps: the white-box auditor also sees every step (gradient_canaries_every_step)
+    "audit": {"gradient_canaries": 2000, "record_canary_steps": True},
 }
 
 QUICK_OVERRIDES: dict[str, Any] = {

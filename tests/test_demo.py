@@ -104,3 +104,18 @@ def test_attack_success_rises_with_epsilon(demo_dir: Path) -> None:
     # and the empirical lower bound never exceeds the accounted ε of the private runs
     for p in _points(demo_dir)[:3]:
         assert p["epsilon_lower"] <= p["epsilon"]["pld"]
+
+
+def test_the_demo_audit_names_its_bounds_and_sees_every_step(demo_dir: Path) -> None:
+    for p in _points(demo_dir)[:3]:
+        a = json.loads((Path(p["run_dir"]) / "audit.json").read_text())
+        names = {x["name"]: x for x in a["attacks"]}
+        assert "gradient_canaries_every_step" in names and "gradient_canaries_one_run" in names
+        for name in ("gradient_canaries_every_step", "gradient_canaries_one_run"):
+            el = names[name]["epsilon_lower"]
+            by = names[name]["epsilon_lower_by_bound"]
+            assert set(by) == {"one_run_steinke", "one_run_fdp"}
+            assert el["bound"] in by and el["value"] == max(b["value"] for b in by.values())
+        top = a["epsilon_lower"]
+        assert top["bound"] in ("one_run_steinke", "one_run_fdp")
+        assert top["value"] <= a["accounted"]["compared"]["epsilon"]

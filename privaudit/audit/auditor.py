@@ -19,15 +19,23 @@ add/remove neighbours at the level of the attacked unit:
   of its format (sampled when the space is larger than ``exposure_candidates``);
 * ``gradient_canaries_one_run`` — white-box: the run's gradient canaries scored from θ₀ and the final
   trainable weights (:func:`privaudit.mechanisms.training.score_gradient_canaries`).
+* ``gradient_canaries_every_step`` — white-box, an observer who sees every step: when the run kept
+  ``canary_steps.safetensors`` (``audit.record_canary_steps``), each canary scored by the likelihood
+  ratio of its per-step projections (:func:`privaudit.mechanisms.training.every_step_canary_scores`).
 
 Which attacks yield an ε lower bound: only those whose units were included independently with
-probability ½ — the canary attacks, via the one-run audit (Steinke, Nasr, Jagielski 2023). Records
-are split into train/held-out at a fixed fraction, not by independent fair coins, so the record-level
-attacks (loss, LiRA, RMIA) report metrics (AUC, TPR at low FPR) but no ε bound.
+probability ½ — the canary attacks, via the one-run audit. Two one-run bounds are computed from the
+same guesses and the larger is reported, with its name in ``bound``: ``one_run_steinke`` (Steinke,
+Nasr, Jagielski 2023; assumption-free) and ``one_run_fdp`` (Mahloujifar, Melis, Chaudhuri 2024: a
+lower bound on the GDP μ, reported as ε(δ) of μ-GDP, which assumes a Gaussian trade-off curve and
+says so in ``assumption``). Records are split into train/held-out at a fixed fraction, not by
+independent fair coins, so the record-level attacks (loss, LiRA, RMIA) report metrics (AUC, TPR at
+low FPR) but no ε bound.
 
-Multiple testing: the reported ε_lower is the maximum over K bounds (K = attacks with a bound × the
-distinct δ values checked: the target δ and each claim's δ), so each bound is computed at confidence
-1 − (1 − confidence)/K (Bonferroni) and the maximum holds at ``confidence``.
+Multiple testing: the reported ε_lower is the maximum over K bounds (K = attacks with a bound × (the
+distinct δ values checked — the target δ and each claim's δ — for the Steinke bound, + 1 for the f-DP
+bound, whose μ serves every δ > 0)), so each bound is computed at confidence 1 − (1 − confidence)/K
+(Bonferroni) and the maximum holds at ``confidence``.
 
 Verdicts: ``violation`` when ε_lower exceeds the accounted ε or refutes a claim; ``no guarantee`` when
 the ledger gives none; ``consistent`` only when a bound was computed, stays below the accounted ε, and
@@ -50,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from privaudit.audit.bounds import EpsilonLowerBound, one_run_audit_best
+from privaudit.audit.bounds import EpsilonLowerBound, one_run_audit_best, one_run_bounds_best
 from privaudit.audit.power import audit_power
 
 if TYPE_CHECKING:
@@ -76,7 +84,7 @@ AUDIT_FILE = "audit.json"
 RELEASED_MODEL = "released model"
 BUILTIN_ATTACKS: tuple[str, ...] = (
     "loss", "lira_online", "lira_offline", "rmia", "canary_membership", "canary_exposure",
-    "gradient_canaries_one_run",
+    "gradient_canaries_one_run", "gradient_canaries_every_step",
 )
 _REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia")
 AttackKind = Literal["membership", "canary", "inversion", "attribute"]
@@ -192,6 +200,7 @@ class AttackResult:
     family_confidence: float | None = None
     note: str | None = None
     power: float | None = None  # the largest ε_lower this attack's design could certify (perfect guesses)
+    by_bound: Mapping[str, EpsilonLowerBound] = field(default_factory=dict)  # every bound at the target δ
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "metrics": _jsonable(dict(self.metrics))}
@@ -200,9 +209,12 @@ class AttackResult:
         if self.epsilon_lower is not None:
             el = self.epsilon_lower.to_json()
             el["family_confidence"] = self.family_confidence
+            el["bound"] = bound_name(self.epsilon_lower)
             if self.power is not None:
                 el["power"] = self.power
             out["epsilon_lower"] = el
+            if self.by_bound:
+                out["epsilon_lower_by_bound"] = {k: b.to_json() for k, b in self.by_bound.items()}
             others = [{"delta": d, "value": b.value} for d, b in sorted(self.bounds.items())
                       if d != self.epsilon_lower.delta]
             if others:
@@ -571,6 +583,25 @@ def _gradient_canary_attack(ctx: AuditContext) -> list[AttackScores]:
                          note="white-box: score = −⟨θ_final − θ₀, u_i/‖u_i‖⟩")]
 
 
+def _gradient_canary_every_step_attack(ctx: AuditContext) -> list[AttackScores]:
+    from safetensors.numpy import load_file
+
+    from privaudit.mechanisms.training import CANARY_STEPS_FILE, GradientCanaries, every_step_canary_scores
+
+    run = ctx.run
+    key = GradientCanaries.from_json(run.audit_key["gradient_canaries"])  # type: ignore[index]
+    proj = load_file(str(run.run_dir / CANARY_STEPS_FILE)).get("projections")
+    if proj is None or proj.ndim != 2 or proj.shape[1] != key.count or proj.shape[0] < 1:
+        raise ValueError(f"run_dir: {CANARY_STEPS_FILE} must hold 'projections' of shape (steps, {key.count})")
+    ctx.log(f"gradient canaries, every step: {key.count} canaries × {proj.shape[0]} steps")
+    scores = every_step_canary_scores(proj, key.clip_norm, key.sample_rate)
+    inc = np.array(key.included, dtype=bool)
+    return [AttackScores("gradient_canaries_every_step", "canary", scores[inc], scores[~inc], bound="one_run",
+                         metrics={"m": key.count, "sample_rate": key.sample_rate, "steps": int(proj.shape[0])},
+                         note="white-box, every step seen: score = Σ_t log-likelihood ratio of the canary's "
+                              "projection on step t's noisy sum (Nasr et al. 2023)")]
+
+
 # --------------------------------------------------------------------------------------------------
 # accounting, claims, bounds, verdict
 
@@ -674,11 +705,39 @@ def _mechanism_parts(manifest: Mapping[str, Any], accounted: dict[str, Any], rea
     return accounted, reason
 
 
-def _bound(scores: AttackScores, delta: float, confidence: float, seed: int) -> EpsilonLowerBound:
+def bound_name(b: EpsilonLowerBound) -> str:
+    """The name a result gives the bound: ``one_run_steinke`` | ``one_run_fdp`` | the method."""
+    return "one_run_steinke" if b.method == "one_run" else b.method
+
+
+def _bound_label(r: AttackResult | None) -> str | None:
+    """'attack, bound' for the verdict's reason, with the bound's assumption when it has one."""
+    if r is None or r.epsilon_lower is None:
+        return None if r is None else r.name
+    b = r.epsilon_lower
+    extra = " assuming a Gaussian trade-off curve" if b.assumption else ""
+    return f"{r.name}, {bound_name(b)} bound{extra}"
+
+
+def _n_bound_tests(deltas: Sequence[float]) -> int:
+    """Bonferroni tests one attack spends: one Steinke bound per δ, one f-DP μ bound for all δ > 0."""
+    return len(deltas) + (1 if any(d > 0 for d in deltas) else 0)
+
+
+def _bounds(scores: AttackScores, deltas: Sequence[float], confidence: float, seed: int
+            ) -> tuple[dict[float, EpsilonLowerBound], dict[str, EpsilonLowerBound]]:
+    """Every one-run bound of one attack, each at ``confidence`` (already Bonferroni-corrected by the
+    caller): ({δ: the larger bound at δ}, {bound name: bound at deltas[0]})."""
     assert scores.member_scores is not None and scores.nonmember_scores is not None
     s = np.concatenate([scores.member_scores, scores.nonmember_scores])
     inc = np.concatenate([np.ones(scores.member_scores.size, bool), np.zeros(scores.nonmember_scores.size, bool)])
-    return one_run_audit_best(s, inc, delta, confidence, seed=seed)
+    steinke = {d: one_run_audit_best(s, inc, d, confidence, seed=seed) for d in deltas}
+    pos = [d for d in deltas if d > 0]
+    fdp = one_run_bounds_best(s, inc, pos, confidence, ("one_run_fdp",), seed=seed)["one_run_fdp"] if pos else {}
+    best = {d: max([steinke[d]] + ([fdp[d]] if d in fdp else []), key=lambda b: b.value) for d in deltas}
+    target = deltas[0]
+    by_bound = {bound_name(b): b for b in [steinke[target]] + ([fdp[target]] if target in fdp else [])}
+    return best, by_bound
 
 
 def _power(scores: AttackScores, delta: float, confidence: float, seed: int) -> float:
@@ -688,7 +747,7 @@ def _power(scores: AttackScores, delta: float, confidence: float, seed: int) -> 
     inc = np.concatenate([np.ones(scores.member_scores.size, bool), np.zeros(scores.nonmember_scores.size, bool)])
 
     def bound_fn(s: NDArray[np.float64], i: NDArray[np.bool_], d: float, c: float) -> EpsilonLowerBound:
-        return _bound(AttackScores(scores.name, scores.kind, s[i], s[~i], bound="one_run"), d, c, seed)
+        return _bounds(AttackScores(scores.name, scores.kind, s[i], s[~i], bound="one_run"), [d], c, seed)[0][d]
 
     return float(audit_power(inc, delta, confidence, bound_fn).value)
 
@@ -843,6 +902,11 @@ def _plan(run: "LoadedRun", data: "DataBundle", observer: str, reference_models:
         else:
             available["canary_exposure"] = None if n_can >= 1 else "the run has no data canaries"
         available["gradient_canaries_one_run"] = None if gc else "the run has no gradient canaries"
+        from privaudit.mechanisms.training import CANARY_STEPS_FILE
+
+        available["gradient_canaries_every_step"] = (
+            None if gc and (run.run_dir / CANARY_STEPS_FILE).exists()
+            else "the run kept no per-step canary record (audit.record_canary_steps)")
     else:
         for name in BUILTIN_ATTACKS:
             available[name] = f"attacks the released model; this run's observer is '{observer}'"
@@ -911,16 +975,18 @@ def score_attacks(outcomes: Sequence[AttackScores], delta: float, deltas: Sequen
     ``confidence``). Returns (results, the bounded outcomes, number of bounds, per-bound confidence)."""
     bounded = [o for o in outcomes if o.bound == "one_run" and o.member_scores is not None
                and o.nonmember_scores is not None and o.member_scores.size + o.nonmember_scores.size > 0]
-    n_bounds = len(bounded) * len(deltas)
+    n_bounds = len(bounded) * _n_bound_tests(deltas)
     per_conf = 1.0 - (1.0 - confidence) / max(n_bounds, 1)
     results: list[AttackResult] = []
     for i, o in enumerate(outcomes):
         metrics, roc, why = _metrics(o, n_bootstrap, _derived_seed(seed, i, 0x4D4554), confidence)
         note = "; ".join(x for x in (o.note, why) if x) or None
         if any(o is b for b in bounded):
-            by_delta = {d: _bound(o, d, per_conf, _derived_seed(seed, i, 0x424E44)) for d in deltas}
+            order = [delta] + [d for d in deltas if d != delta]
+            by_delta, by_bound = _bounds(o, order, per_conf, _derived_seed(seed, i, 0x424E44))
             results.append(AttackResult(o.name, o.kind, metrics, roc, by_delta[delta], by_delta, confidence, note,
-                                        power=_power(o, delta, per_conf, _derived_seed(seed, i, 0x424E44))))
+                                        power=_power(o, delta, per_conf, _derived_seed(seed, i, 0x424E44)),
+                                        by_bound=by_bound))
         else:
             results.append(AttackResult(o.name, o.kind, metrics, roc, None, {}, None, note))
     return results, bounded, n_bounds, per_conf
@@ -994,7 +1060,8 @@ def audit_run(
 
         outcomes: list[AttackScores] = []
         simple = {"loss": _loss_attack, "canary_membership": _canary_membership_attack,
-                  "canary_exposure": _canary_exposure_attack, "gradient_canaries_one_run": _gradient_canary_attack}
+                  "canary_exposure": _canary_exposure_attack, "gradient_canaries_one_run": _gradient_canary_attack,
+                  "gradient_canaries_every_step": _gradient_canary_every_step_attack}
         for name in builtins:
             if name in simple:
                 outcomes.extend(simple[name](ctx))
@@ -1028,14 +1095,18 @@ def audit_run(
         if top_bound is not None and top is not None:
             eps_lower: dict[str, Any] = {
                 "value": top_bound.value, "confidence": confidence, "method": top_bound.method,
-                "attack": top.name, "delta": delta, "per_bound_confidence": per_conf,
+                "bound": bound_name(top_bound), "attack": top.name, "delta": delta, "per_bound_confidence": per_conf,
                 "correction": "bonferroni", "n_bounds": n_bounds,
-                "note": f"maximum over {n_bounds} bounds ({len(bounded)} attacks × {len(deltas)} δ values), "
-                        f"each at confidence 1 − {1 - confidence:g}/{n_bounds}",
+                "note": f"maximum over {n_bounds} bounds ({len(bounded)} attacks × ({len(deltas)} δ values for the "
+                        "Steinke bound" + (" + 1 f-DP μ bound" if _n_bound_tests(deltas) > len(deltas) else "")
+                        + f")), each at confidence 1 − {1 - confidence:g}/{n_bounds}",
                 "power": power, "power_attack": strongest.name if strongest is not None else None,
                 "power_note": "the largest ε_lower the audit's design could certify (perfect guesses, same "
                               "bound and confidence)",
             }
+            if top_bound.assumption:
+                eps_lower["assumption"] = top_bound.assumption
+                eps_lower["mu"] = top_bound.mu
         else:
             eps_lower = {"value": 0.0, "confidence": confidence, "method": "none", "attack": None, "delta": delta,
                          "n_bounds": 0, "power": None, "note": "no attack of this audit supports an ε lower bound "
@@ -1048,7 +1119,7 @@ def audit_run(
                             "epsilon_lower": best[0], "attack": best[1],
                             "status": "refuted" if best[0] > float(c.epsilon) else "not refuted"})
         verdict, reason = _verdict(has_guarantee, compared, compared_by, delta, top_bound,
-                                   top.name if top is not None else None, claimed, len(outcomes), observer,
+                                   _bound_label(top), claimed, len(outcomes), observer,
                                    confidence, power, strongest.name if strongest is not None else None)
         accounted, reason = _mechanism_parts(run.manifest, accounted, reason, results)
         public_settings = {k: v for k, v in settings.items() if not k.startswith("_")}

@@ -36,6 +36,8 @@ from privaudit.mechanisms.per_sample import PerSampleGradients
 from privaudit.mechanisms import rng
 from privaudit.mechanisms.sampling import Sampler, fresh_seed, make_sampler
 from privaudit.mechanisms.training import (
+    CANARY_STEPS_FILE,
+    CanaryStepRecorder,
     Checkpointer,
     GradientCanaries,
     ProgressFn,
@@ -110,6 +112,7 @@ class FitResult:
     gradient_canaries: GradientCanaries | None = None
     steps_done: int = 0
     resumed_from_step: int | None = None
+    run_files: dict[str, Any] = field(default_factory=dict)  # canary_steps.safetensors when recorded
 
 
 def accumulate_clipped_sum(model: nn.Module, psg: PerSampleGradients, batch: dict[str, torch.Tensor], task: str,
@@ -190,6 +193,8 @@ class DPLoraTrainer:
             self.canaries = GradientCanaries(seed, m, self.param_names,
                                              [list(p.shape) for _, p in self.params], plan.clip_norm,
                                              plan.sample_rate)
+        self.canary_recorder = (CanaryStepRecorder(self.canaries)
+                                if self.canaries is not None and cfg.audit.record_canary_steps else None)
         self.units: list[tuple[str, int]] = []
         self.sampler: Sampler = self.rebuild_sampler()
         self.event = step_event(plan)
@@ -252,6 +257,8 @@ class DPLoraTrainer:
             self.ledger.append(self.event)  # write-ahead: durable before the update is applied
         std = self.plan.noise_multiplier * self.plan.clip_norm * self.noise_factor
         apply_noisy_update(self.params, total, std, self.denominator, self.noise_gen, self.optimizer)
+        if self.canary_recorder is not None:  # `total` now holds the released noisy sum / denominator
+            self.canary_recorder.record(total, self.denominator)
         self.step_count += 1
         return {"batch_size": size, "canaries": n_canaries}
 
@@ -348,4 +355,8 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
         trainer.close()
     metrics = trainer.final_metrics(heldout_records)
     model.eval()
-    return FitResult(model, tok, metrics, plan, theta_0, trainer.canaries, trainer.step_count, trainer.resumed_from)
+    # every-step record (opt-in): only complete when the run did not resume from a checkpoint
+    rec = trainer.canary_recorder
+    files = {CANARY_STEPS_FILE: rec.tensors()} if rec is not None and trainer.resumed_from is None else {}
+    return FitResult(model, tok, metrics, plan, theta_0, trainer.canaries, trainer.step_count, trainer.resumed_from,
+                     files)

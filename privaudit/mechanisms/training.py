@@ -15,7 +15,9 @@ saved in ``audit_key.json``; the initial trainable parameters θ₀ in ``adapter
 scores canary i by ⟨θ_final − θ₀, u_i/‖u_i‖⟩ (:func:`score_gradient_canaries`): included canaries
 should score higher (in the direction of −∇, i.e. negative for SGD-like updates — the score is
 reported with the sign flipped so that "higher = more likely included"). A canary is one more unit of
-the add/remove relation, so the accounting is unchanged.
+the add/remove relation, so the accounting is unchanged. With ``audit.record_canary_steps`` the run
+also keeps every step's released noisy sum projected on the canaries (:class:`CanaryStepRecorder`,
+``canary_steps.safetensors``) for an auditor who sees every step (:func:`every_step_canary_scores`).
 
 ``GradientCanaries.raw_norm``: key files written before this rule lack it and read as ``clip_norm``.
 """
@@ -530,3 +532,58 @@ def score_gradient_canaries(theta_0: Mapping[str, torch.Tensor], theta_final: Ma
     can = key if isinstance(key, GradientCanaries) else GradientCanaries.from_json(key)
     delta = flatten(theta_final, can.param_names) - flatten(theta_0, can.param_names)
     return np.array([-float(delta @ canary_direction(can.seed, i, can.dim, 1.0)) for i in range(can.count)])
+
+
+CANARY_STEPS_FILE = "canary_steps.safetensors"
+
+
+class CanaryStepRecorder:
+    """Opt-in white-box record of every DP-SGD release: step t's noisy clipped sum S_t (data + sampled
+    canaries + N(0, σ²C²I), *before* division by the batch denominator) projected on each gradient
+    canary's unit direction, x_{t,i} = ⟨S_t, u_i/‖u_i‖⟩. Only these m numbers per step are kept (the
+    observer "sees every step", Nasr et al. 2023). Directions are cached when m·dim ≤ ``cache_limit``
+    floats, else regenerated each step."""
+
+    def __init__(self, canaries: GradientCanaries, cache_limit: int = 1 << 24) -> None:
+        self.canaries = canaries
+        self._dirs: torch.Tensor | None = None
+        if canaries.count * canaries.dim <= cache_limit:
+            self._dirs = torch.stack([canary_direction(canaries.seed, i, canaries.dim, 1.0)
+                                      for i in range(canaries.count)])
+        self.rows: list[torch.Tensor] = []
+
+    def record(self, total: Mapping[str, torch.Tensor], scale: float) -> None:
+        """Record one step: ``total`` holds the noisy sum divided by the denominator ``scale``."""
+        flat = flatten(total, self.canaries.param_names) * float(scale)
+        if self._dirs is not None:
+            self.rows.append(self._dirs @ flat)
+        else:
+            c = self.canaries
+            self.rows.append(torch.stack([canary_direction(c.seed, i, c.dim, 1.0) @ flat for i in range(c.count)]))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``{"projections": (steps, m) float32}`` for a safetensors file."""
+        rows = self.rows or [torch.zeros(self.canaries.count)]
+        return {"projections": torch.stack(rows).float().contiguous()[: len(self.rows)]}
+
+
+def every_step_canary_scores(projections: np.ndarray, clip_norm: float, sample_rate: float) -> np.ndarray:
+    """Every-step score of each gradient canary from its per-step projections x_{t,i} (shape (T, m)):
+    the log-likelihood ratio "included" vs "absent" summed over steps (Nasr et al. 2023),
+    Σ_t log(1 − q + q·exp((z_{t,i} − c_t − ½)/s_t²)) with z = x/C, q the canaries' Poisson rate, and
+    c_t, s_t the median and MAD-scale of step t's z over all canaries — label-free, so any threshold
+    on the scores stays valid for the one-run game. Higher = more likely included."""
+    x = np.asarray(projections, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"projections: must have shape (steps >= 1, canaries), got {x.shape}")
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"clip_norm: must be > 0, got {clip_norm!r}")
+    if not (0.0 < sample_rate <= 1.0):
+        raise ValueError(f"sample_rate: must be in (0, 1], got {sample_rate!r}")
+    z = x / clip_norm
+    c = np.median(z, axis=1, keepdims=True)
+    s = np.maximum(1.4826 * np.median(np.abs(z - c), axis=1, keepdims=True), 1e-6)
+    a = (z - c - 0.5) / s**2
+    if sample_rate >= 1.0:
+        return a.sum(axis=0)
+    return np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + a).sum(axis=0)

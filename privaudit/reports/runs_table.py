@@ -543,7 +543,8 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
             name=_str(a.get("name")) or "attack", kind=_str(a.get("kind")) or "",
             metrics=dict(a.get("metrics")) if isinstance(a.get("metrics"), Mapping) else {},
             fpr=fpr_t, tpr=tpr_t, epsilon_lower=_num(el.get("value")),
-            epsilon_lower_confidence=_num(el.get("confidence")), epsilon_lower_method=_str(el.get("method")),
+            epsilon_lower_confidence=_num(el.get("confidence")),
+            epsilon_lower_method=_str(el.get("bound") or el.get("method")),  # the bound's name when given
             power=_num(el.get("power")), family_confidence=_num(el.get("family_confidence")),
         ))
     el_top = audit.get("epsilon_lower") if isinstance(audit.get("epsilon_lower"), Mapping) else {}
@@ -624,7 +625,8 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
         accounted=tuple(accounted), no_guarantee_reason=no_guarantee, claims=claims,
         attacks=tuple(attacks), epsilon_lower=eps_lower,
         epsilon_lower_confidence=_num(el_top.get("confidence")),
-        epsilon_lower_method=_str(el_top.get("method")), epsilon_lower_attack=_str(el_top.get("attack")),
+        epsilon_lower_method=_str(el_top.get("bound") or el_top.get("method")),
+        epsilon_lower_attack=_str(el_top.get("attack")),
         audit_delta=audit_delta, verdict=verdict, recheck=recheck,
         ledger_status=ledger_status, ledger_message=ledger_message, ledger_head=ledger_head,
         manifest_ledger_head=manifest_head, event_counts=counts,

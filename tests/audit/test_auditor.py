@@ -167,7 +167,9 @@ def test_planted_noise_bug_is_a_violation_and_the_clean_run_is_consistent(
     res = json.loads(out)
     assert res["verdict"] == "violation" and err.startswith("check failed:") and len(err.splitlines()) == 1
     (g,) = [a for a in res["attacks"] if a["name"] == "gradient_canaries_one_run"]
-    assert g["kind"] == "canary" and g["epsilon_lower"]["method"] == "one_run"
+    assert g["kind"] == "canary" and g["epsilon_lower"]["method"] in ("one_run", "one_run_fdp")
+    assert g["epsilon_lower"]["bound"] == res["epsilon_lower"]["bound"] in g["epsilon_lower_by_bound"]
+    assert set(g["epsilon_lower_by_bound"]) == {"one_run_steinke", "one_run_fdp"}
     assert res["epsilon_lower"]["attack"] == "gradient_canaries_one_run"
     assert res["epsilon_lower"]["value"] > 2.0 * res["accounted"]["compared"]["epsilon"]
 
@@ -203,6 +205,24 @@ def test_one_run_white_box_audit_at_epsilon_4_is_not_vacuous(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_every_step_white_box_audit_uses_the_recorded_steps(tmp_path: Path) -> None:
+    cfg = {**CANARIES, "privacy": {"target_epsilon": 4.0, "accountant": "pld", "noise_seed": 11},
+           "audit": {"gradient_canaries": 500, "gradient_canary_seed": 13, "record_canary_steps": True}}
+    run = _train(cfg, tmp_path / "run")
+    res = audit_run(run, attacks=["gradient_canaries_one_run", "gradient_canaries_every_step"], _write=False)
+    es = res.attack("gradient_canaries_every_step")
+    assert es.metrics["steps"] == 20 and es.metrics["m"] == 500
+    assert set(es.by_bound) == {"one_run_steinke", "one_run_fdp"} and es.epsilon_lower is not None
+    assert es.metrics["auc"] > 0.55  # the leak is seen
+    assert res.epsilon_lower["n_bounds"] == 4 and res.verdict == "consistent"
+    assert 0 < res.epsilon_lower["value"] < res.accounted["compared"]["epsilon"]
+    assert res.to_json()["epsilon_lower"]["bound"] in ("one_run_steinke", "one_run_fdp")
+    (run / "canary_steps.safetensors").unlink()
+    with pytest.raises(ValueError, match="^attacks: gradient_canaries_every_step cannot run"):
+        audit_run(run, attacks=["gradient_canaries_every_step"], _write=False)
+
+
+@pytest.mark.slow
 def test_claims_are_checked_at_their_own_delta_with_bonferroni(canary_runs: tuple[Path, Path],
                                                              tmp_path: Path) -> None:
     run = _copy(canary_runs[1], tmp_path / "run")
@@ -210,14 +230,19 @@ def test_claims_are_checked_at_their_own_delta_with_bonferroni(canary_runs: tupl
                 ClaimEvent(epsilon=50.0, delta=0.0, source="pure DP"))
     res = audit_run(run, attacks=["gradient_canaries_one_run"])
     mt = res.settings["multiple_testing"]
-    assert mt["n_bounds"] == 2 and mt["deltas"] == [0.0, 1e-5]
-    assert mt["per_bound_confidence"] == pytest.approx(0.975)
+    # Steinke at each of the 2 δ values + one f-DP μ bound (δ > 0 only)
+    assert mt["n_bounds"] == 3 and mt["deltas"] == [0.0, 1e-5]
+    assert mt["per_bound_confidence"] == pytest.approx(1 - 0.05 / 3)
     g = res.attack("gradient_canaries_one_run")
-    assert g.epsilon_lower is not None and g.epsilon_lower.confidence == pytest.approx(0.975)
+    assert g.epsilon_lower is not None and g.epsilon_lower.confidence == pytest.approx(1 - 0.05 / 3)
     assert g.epsilon_lower.delta == 1e-5 and g.bounds[0.0].delta == 0.0
+    assert g.bounds[0.0].method == "one_run"  # the f-DP bound has no δ = 0 form
+    assert set(g.by_bound) == {"one_run_steinke", "one_run_fdp"}
+    assert g.epsilon_lower.value == max(b.value for b in g.by_bound.values())
     tight, pure = res.claimed
     assert pure["delta"] == 0.0 and pure["epsilon_lower"] == g.bounds[0.0].value
-    assert pure["epsilon_lower"] >= tight["epsilon_lower"] > 1e-3  # a δ = 0 bound is never smaller
+    # a δ = 0 Steinke bound is never smaller than the δ > 0 one
+    assert pure["epsilon_lower"] >= g.by_bound["one_run_steinke"].value and tight["epsilon_lower"] > 1e-3
     assert tight["status"] == "refuted" and pure["status"] == "not refuted"
     assert res.verdict == "violation" and "claimed" in res.verdict_reason
     assert res.to_json()["attacks"][0]["epsilon_lower_at_claim_deltas"] == [{"delta": 0.0,
@@ -294,7 +319,7 @@ def test_a_run_without_held_out_records_is_audited_with_its_canaries(tmp_path: P
     run = _train(cfg, tmp_path / "run")
     res = audit_run(run, _write=False)
     assert [a.name for a in res.attacks] == ["gradient_canaries_one_run"]
-    assert res.settings["n_members_scored"] == 0 and res.epsilon_lower["n_bounds"] == 1
+    assert res.settings["n_members_scored"] == 0 and res.epsilon_lower["n_bounds"] == 2  # Steinke + f-DP
     with pytest.raises(ValueError, match="^attacks: loss cannot run on this run: the run has no"):
         audit_run(run, attacks=["loss"], _write=False)
 

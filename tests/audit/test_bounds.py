@@ -341,3 +341,131 @@ def test_gdp_mu_lower_bound_against_analytic_truth() -> None:
 def test_to_json_drops_unused_fields() -> None:
     js = one_run_epsilon_lower_bound(1000, 100, 100, 0.0).to_json()
     assert js["method"] == "one_run" and js["m"] == 1000 and "tp" not in js
+
+
+# ------------------------------------------------------------------------------------------------
+# f-DP one-run bound (Mahloujifar, Melis, Chaudhuri 2024)
+
+from privaudit.audit.bounds import (  # noqa: E402
+    GAUSSIAN_TRADEOFF,
+    one_run_bounds_best,
+    one_run_fdp_audit_best,
+    one_run_fdp_audit_from_scores,
+    one_run_fdp_epsilon_lower_bound,
+    one_run_fdp_mu_lower_bound,
+    one_run_fdp_rejects,
+)
+
+
+@pytest.mark.parametrize(
+    ("m", "r", "v", "delta", "expected"),
+    [  # jax_privacy 2.0 auditing._epsilon_one_run_fdp(0, m, r, v, 0.05, delta), run on the same inputs
+        (1000, 1000, 900, 1e-5, 3.7793),  # REFERENCES §10: about 3.8 (Steinke 2.021)
+        (1000, 100, 100, 1e-5, 5.5490),
+        (1000, 200, 190, 1e-5, 3.9161),
+        (1000, 1000, 1000, 1e-5, 12.3346),
+        (1000, 500, 400, 1e-5, 2.0768),
+        (32, 32, 30, 1e-5, 3.6415),
+        (1000, 50, 45, 1e-6, 2.1852),
+        (10000, 1000, 900, 1e-5, 2.8026),
+    ],
+)
+def test_fdp_matches_the_reference_implementation(m: int, r: int, v: int, delta: float, expected: float) -> None:
+    res = one_run_fdp_epsilon_lower_bound(m, r, v, delta, confidence=0.95)
+    assert res.value == pytest.approx(expected, abs=2e-4)
+    assert (res.method, res.assumption, res.m, res.r, res.v) == ("one_run_fdp", GAUSSIAN_TRADEOFF, m, r, v)
+    assert res.value == pytest.approx(gdp_epsilon(res.mu, delta), abs=1e-9)
+    # mu_lower is the largest rejected mu: rejected just below, not just above.
+    assert one_run_fdp_rejects(m, r, v, res.mu - 1e-6) and not one_run_fdp_rejects(m, r, v, res.mu + 1e-5)
+    assert res.value > one_run_epsilon_lower_bound(m, r, v, delta).value
+
+
+def test_fdp_at_mu_zero_is_an_exact_level_test() -> None:
+    # mu = 0: every guess is a fair coin, v ~ Binomial(r, 1/2) exactly. The rejection region's
+    # probability must not exceed the significance level (and the test is not empty).
+    for m, r in ((200, 200), (200, 60), (1000, 100)):
+        rej = np.array([one_run_fdp_rejects(m, r, v, 0.0, confidence=0.9) for v in range(r + 1)])
+        assert rej.any() and not rej[: r // 2].any()
+        assert (rej[:-1] <= rej[1:]).all()  # monotone in v
+        assert stats.binom.pmf(np.arange(r + 1), r, 0.5)[rej].sum() <= 0.1
+
+
+def _gaussian_trials(mu: float, m: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    inc = rng.random((n, m)) < 0.5  # fair coins
+    return rng.normal(size=(n, m)) + mu * inc, inc  # member ~ N(mu, 1), non-member ~ N(0, 1)
+
+
+def test_fdp_coverage_on_the_gaussian_mechanism() -> None:
+    """Scores from the Gaussian mechanism with known mu (300 independent audits, fixed guesses: the
+    50 highest "in", the 50 lowest "out"): the bound stays below the truth in at least the
+    confidence fraction of trials, at the usual confidence and at loose ones where the test is close
+    to its limit (so an anti-conservative bound would fail here)."""
+    mu, delta, m, k, n = 1.5, 1e-5, 500, 50, 300
+    true_eps = gdp_epsilon(mu, delta)
+    scores, inc = _gaussian_trials(mu, m, n, seed=11)
+    order, rows = np.argsort(-scores, axis=1), np.arange(n)[:, None]
+    v = inc[rows, order[:, :k]].sum(1) + (~inc[rows, order[:, -k:]]).sum(1)
+    for conf in (0.95, 0.5, 0.2):
+        by_v = {int(x): one_run_fdp_mu_lower_bound(m, 2 * k, int(x), conf) for x in np.unique(v)}
+        eps_by_v = {x: gdp_epsilon(u, delta) if u > 0 else 0.0 for x, u in by_v.items()}
+        mus = np.array([by_v[int(x)] for x in v])
+        eps = np.array([eps_by_v[int(x)] for x in v])
+        assert (mus <= mu).mean() >= conf, conf
+        assert (eps <= true_eps).mean() >= conf, conf
+        assert (mus > 0).mean() > 0.95  # the audit does see the leak
+    assert np.median(mus) > 0.8 * mu  # at 20% confidence the bound sits close to the truth
+
+
+def test_fdp_approaches_the_truth_as_canaries_grow() -> None:
+    mu, delta = 1.0, 1e-5
+    true_eps = gdp_epsilon(mu, delta)
+    means = []
+    for m in (100, 1000, 10000):
+        scores, inc = _gaussian_trials(mu, m, 2, seed=m)
+        vals = [one_run_fdp_audit_best(scores[i], inc[i], delta, seed=i).value for i in range(2)]
+        assert max(vals) < true_eps
+        means.append(float(np.mean(vals)))
+    assert means[0] < means[1] < means[2]
+    assert means[2] > 0.45 * true_eps
+
+
+def test_fdp_strictly_above_steinke_on_the_same_guesses() -> None:
+    scores, inc = _gaussian_trials(2.0, 1000, 1, seed=5)
+    fdp = one_run_fdp_audit_from_scores(scores[0], inc[0], 100, 100, 1e-5)
+    steinke = one_run_audit_from_scores(scores[0], inc[0], 100, 100, 1e-5)
+    assert (fdp.r, fdp.v) == (steinke.r, steinke.v)
+    assert steinke.value > 0.5 and fdp.value > 1.3 * steinke.value
+    assert fdp.value < gdp_epsilon(2.0, 1e-5)
+
+
+def test_one_run_bounds_best_corrects_over_every_bound_and_delta() -> None:
+    scores, inc = _gaussian_trials(1.5, 2000, 1, seed=3)
+    s, i = scores[0], inc[0]
+    grid = default_one_run_grid(2000)
+    both = one_run_bounds_best(s, i, [1e-5, 1e-6], 0.95, seed=0)
+    g = len(grid)
+    assert both["one_run"][1e-5].n_tests == both["one_run_fdp"][1e-6].n_tests == g * (2 + 1)
+    # The fdp mu is one test for every delta; the joint correction makes each bound smaller than alone.
+    assert both["one_run_fdp"][1e-5].mu == both["one_run_fdp"][1e-6].mu
+    alone = one_run_fdp_audit_best(s, i, 1e-5, seed=0)
+    assert alone.n_tests == g and 0 < both["one_run_fdp"][1e-5].value < alone.value
+    assert both["one_run"][1e-5].value < one_run_audit_best(s, i, 1e-5, seed=0).value
+    # Under the null nothing is certified.
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        null = one_run_bounds_best(rng.normal(size=1000), rng.random(1000) < 0.5, [1e-5], seed=k)
+        assert null["one_run"][1e-5].value == 0.0 and null["one_run_fdp"][1e-5].value == 0.0
+
+
+def test_fdp_bad_input() -> None:
+    with pytest.raises(ValueError, match="^delta:"):
+        one_run_fdp_epsilon_lower_bound(100, 10, 10, 0.0)
+    with pytest.raises(ValueError, match="^v:"):
+        one_run_fdp_epsilon_lower_bound(100, 10, 11, 1e-5)
+    with pytest.raises(ValueError, match="^mu:"):
+        one_run_fdp_rejects(100, 10, 10, -1.0)
+    with pytest.raises(ValueError, match="^bounds:"):
+        one_run_bounds_best(np.zeros(10), np.zeros(10, bool), [1e-5], bounds=("lira",))
+    with pytest.raises(ValueError, match="^deltas:"):
+        one_run_bounds_best(np.zeros(10), np.zeros(10, bool), [0.0])

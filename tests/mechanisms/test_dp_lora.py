@@ -19,8 +19,10 @@ from privaudit.config import parse_config, planned_events, resolve_plan
 from privaudit.mechanisms import get_mechanism, mechanism_names
 from privaudit.mechanisms.dp_lora import DPLoraTrainer, apply_noisy_update, fit
 from privaudit.mechanisms.training import (
+    CANARY_STEPS_FILE,
     build_model,
     canary_direction,
+    every_step_canary_scores,
     prepare_data,
     score_gradient_canaries,
 )
@@ -194,6 +196,41 @@ def test_gradient_canaries_are_detectable_and_rebuildable() -> None:
     # AUC of the score for membership
     auc = np.mean([s_in > s_out for s_in in scores[inc] for s_out in scores[~inc]])
     assert auc > 0.95, (auc, scores)
+
+
+def test_canary_step_record_is_the_released_noisy_sum_projected_on_the_canaries() -> None:
+    """With plain SGD, θ_T − θ₀ = −(lr/denominator)·Σ_t S_t, so the recorded per-step projections must
+    add up to the final-model score times denominator/lr; off by default."""
+    m, lr = 30, 0.5
+    cfg = tiny(training={"steps": 5, "batch_size": None, "sample_rate": 0.5, "optimizer": "sgd", "learning_rate": lr},
+               privacy={"noise_multiplier": 0.3},
+               audit={"gradient_canaries": m, "gradient_canary_seed": 5, "record_canary_steps": True})
+    data = prepare_data(cfg)
+    res = fit(cfg, data.train, data.heldout)
+    proj = res.run_files[CANARY_STEPS_FILE]["projections"].double().numpy()
+    assert proj.shape == (5, m)
+    denominator = res.plan.sample_rate * res.plan.dataset_size
+    final = score_gradient_canaries(res.theta_0, trainable(res.model), res.gradient_canaries)
+    np.testing.assert_allclose(proj.sum(0), final * denominator / lr, rtol=1e-3, atol=1e-3)
+    off = fit(tiny(audit={"gradient_canaries": 4, "gradient_canary_seed": 5}), data.train, data.heldout)
+    assert off.run_files == {}
+
+
+def test_every_step_scores_separate_included_canaries() -> None:
+    rng = np.random.default_rng(0)
+    steps, m, q, sigma, clip = 30, 4000, 0.3, 1.0, 2.0
+    inc = rng.random(m) < 0.5
+    sampled = (rng.random((steps, m)) < q) & inc
+    x = clip * (sampled + rng.normal(0, sigma, (steps, m))) + 0.7  # a shared offset (data cross-talk)
+    s = every_step_canary_scores(x, clip, q)
+    auc = np.mean(s[inc][:, None] > s[~inc][None, :])
+    # ... better than the final-model view (the plain sum of projections)
+    auc_sum = np.mean(x.sum(0)[inc][:, None] > x.sum(0)[~inc][None, :])
+    assert auc > 0.85 and auc > auc_sum
+    with pytest.raises(ValueError, match="^projections:"):
+        every_step_canary_scores(np.zeros(5), 1.0, 0.5)
+    with pytest.raises(ValueError, match="^sample_rate:"):
+        every_step_canary_scores(np.zeros((2, 5)), 1.0, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
