@@ -156,5 +156,29 @@ def all_reduce_sum(world: World, tensors: Sequence[torch.Tensor]) -> None:
         t.copy_(part.view_as(t))
 
 
-__all__ = ["World", "all_reduce_sum", "broadcast_indices", "broadcast_object", "broadcast_tensors",
+def sharded_map(world: World, n: int, compute: Any) -> list[Any]:
+    """``compute(indices) -> list`` (one result per index, in order) over ``range(n)``, split across the
+    ranks (every W-th index) and gathered: every rank returns the full list in index order, equal to
+    ``compute(range(n))`` in one process. Used by the audits' scoring pass (one forward pass per record)."""
+    import numpy as np
+
+    idx = np.arange(n, dtype=np.int64)
+    if not world.distributed:
+        return list(compute(idx))
+    import torch.distributed as dist
+
+    mine = share(world, idx)
+    part = list(compute(mine))
+    if len(part) != len(mine):
+        raise ValueError(f"compute: returned {len(part)} results for {len(mine)} indices")
+    parts: list[Any] = [None] * world.size
+    dist.all_gather_object(parts, (mine.tolist(), part))
+    out: list[Any] = [None] * n
+    for ids, vals in parts:
+        for i, v in zip(ids, vals):
+            out[i] = v
+    return out
+
+
+__all__ = ["World", "sharded_map", "all_reduce_sum", "broadcast_indices", "broadcast_object", "broadcast_tensors",
            "close_world", "init_world", "share", "world_from_env"]

@@ -118,6 +118,41 @@ def test_noise_is_added_exactly_once_per_step_with_variance_sigma_c_squared(tmp_
     assert abs(float(np.mean(noise))) < 4 * std / np.sqrt(n)
 
 
+_MAP_SCRIPT = """
+import sys, json
+from privaudit.mechanisms.distributed import World, init_world, close_world, sharded_map
+rank, size, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+w = World(rank, size, rank)
+init_world(w)
+res = sharded_map(w, 11, lambda idx: [{"i": int(i), "sq": int(i) ** 2, "rank": rank} for i in idx])
+open(f"{out}/map{rank}.json", "w").write(json.dumps(res))
+close_world(w)
+"""
+
+
+def test_sharded_map_in_one_process() -> None:
+    from privaudit.mechanisms.distributed import sharded_map
+
+    assert sharded_map(World(), 5, lambda idx: [int(i) * 3 for i in idx]) == [0, 3, 6, 9, 12]
+
+
+@pytest.mark.slow
+def test_sharded_map_splits_the_records_and_gathers_them_in_order(tmp_path: Path) -> None:
+    script = tmp_path / "map.py"
+    script.write_text(_MAP_SCRIPT)
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err.decode()[-2000:]
+    r0, r1 = (json.loads((tmp_path / f"map{r}.json").read_text()) for r in range(2))
+    assert r0 == r1
+    assert [x["sq"] for x in r0] == [i * i for i in range(11)]
+    assert {x["rank"] for x in r0} == {0, 1}  # both ranks did part of the work
+    assert all(x["rank"] == x["i"] % 2 for x in r0)
+
+
 def _write_cfg(tmp_path: Path, **training: Any) -> Path:
     data = copy.deepcopy(TINY)
     data["training"].update(training)
