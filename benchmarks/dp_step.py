@@ -84,7 +84,15 @@ def main() -> int:
     ap.add_argument("--noise-sizes", default=None,
                     help="comma-separated noise vector sizes for the draw-only timing (with --secure-noise)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="> 1: privaudit's DP step across 1 vs N processes instead (benchmarks/dp_step_nproc.py)")
     args = ap.parse_args()
+    if args.nproc > 1:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from dp_step_nproc import main as nproc_main
+
+        sys.argv = [sys.argv[0], "--nproc", str(args.nproc), *(["--json"] if args.json else [])]
+        return nproc_main()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 

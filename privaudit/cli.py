@@ -428,18 +428,32 @@ def he_worker(port: int, once: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
 @click.option("--signing-key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (PEM, from `privaudit keygen`) that signs the ledger's seal.")
+@click.option("--nproc", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Processes (one per GPU, or CPU processes with gloo): runs `torchrun --nproc-per-node N -m "
+                   "privaudit train ...` (dp_lora only).")
 def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: bool,
-          signing_key: Path | None) -> None:
+          signing_key: Path | None, nproc: int) -> None:
     """Train a config and write the run directory (manifest, ledger, adapter, audit key)."""
     from privaudit.audit.ledger import LedgerLockedError
     from privaudit.config import load_config
     from privaudit.runs import train as train_run
 
     cfg = load_config(config_path)
+    if nproc > 1:
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "privaudit", "train", str(config_path), "-o", str(run_dir)]
+        cmd += [flag for flag, on in (("--resume", resume), ("--quiet", quiet), ("--json", as_json)) if on]
+        cmd += ["--signing-key", str(signing_key)] if signing_key is not None else []
+        raise SystemExit(subprocess.call(cmd))
     try:
         result = train_run(cfg, run_dir, resume=resume, progress=not quiet, signing_key=signing_key)
     except LedgerLockedError as exc:
         fail_input(str(exc))
+    if result.manifest.get("status") == "worker":  # a torchrun rank other than 0: rank 0 reports
+        return
     if as_json:
         emit_json(result.summary())
         return

@@ -35,6 +35,7 @@ from privaudit.audit.ledger import Ledger, LedgerCorruptError
 from privaudit.config import RunConfig, claims_of, config_to_dict, parse_config, resolve_plan
 from privaudit.durable import write_atomic
 from privaudit.safe_read import check_run_file, read_json_file, walk_run_dir
+from privaudit.mechanisms.distributed import init_world, world_from_env
 
 MANIFEST = "manifest.json"
 LEDGER = "ledger.jsonl"
@@ -270,6 +271,11 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
     later is left for ``resume=True``.
     """
     rd = Path(run_dir)
+    world = world_from_env()
+    if world.distributed:  # torchrun: rank 0 writes the run directory, the other ranks only compute
+        init_world(world)
+        if not world.is_main:
+            return _train_worker(world, rd)
     if rd.exists() and not rd.is_dir():
         raise ValueError(f"run_dir: {rd} exists and is not a directory")
     if resume and not (rd / MANIFEST).exists():
@@ -304,6 +310,7 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
     from privaudit.models import trainable_state_dict
 
     rd = Path(run_dir)
+    world = world_from_env()
     manifest_path = rd / MANIFEST
     signing_key = load_signing_key(signing_key)  # a bad key fails before anything is written
     if resume:
@@ -328,6 +335,8 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
             raise ValueError(f"run_dir: {rd} exists and is not empty (use --resume to continue a run)")
         manifest = {}
 
+    if world.distributed:
+        _share_config(world, cfg)
     mech = get_mechanism(cfg.mechanism)
     if resume and getattr(mech, "RESUMABLE", True) is False:
         raise ValueError(f"resume: {cfg.mechanism} runs cannot be resumed (their state is not checkpointed); "
@@ -425,6 +434,40 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
         if bar is not None:
             bar.close()
     return RunResult(rd, manifest)
+
+
+DISTRIBUTED_MECHANISMS = ("dp_lora",)
+
+
+def _share_config(world: Any, cfg: RunConfig) -> None:
+    """Rank 0: send the run's config (or the reason it cannot run across processes) to the other ranks."""
+    from privaudit.mechanisms.distributed import broadcast_object
+
+    if cfg.mechanism not in DISTRIBUTED_MECHANISMS:
+        msg = (f"mechanism: {cfg.mechanism} runs in one process only (across processes: "
+               f"{', '.join(DISTRIBUTED_MECHANISMS)}); federated runs scale out with options.backend: flower")
+        broadcast_object(world, {"error": msg})
+        raise ValueError(msg)
+    broadcast_object(world, {"config": config_to_dict(cfg)})
+
+
+def _train_worker(world: Any, rd: Path) -> RunResult:
+    """A rank other than 0: the config from rank 0, the same data and plan, the steps' computation; it
+    writes nothing (rank 0 holds the ledger, checkpoints and the run directory)."""
+    from privaudit.mechanisms import get_mechanism
+    from privaudit.mechanisms.distributed import broadcast_object
+    from privaudit.mechanisms.training import prepare_data
+
+    msg = broadcast_object(world, None)
+    if "error" in msg:
+        raise ValueError(msg["error"])
+    cfg = parse_config(msg["config"])
+    mech = get_mechanism(cfg.mechanism)
+    data = prepare_data(cfg)
+    plan = resolve_plan(cfg, len(data.train))
+    mech.fit(cfg, data.train, data.heldout, ledger=None, progress=None, num_labels=len(data.label_names),
+             plan=plan, checkpointer=None, resume=False)
+    return RunResult(rd, {"status": "worker", "rank": world.rank})
 
 
 # ----------------------------------------------------------------------------------------------

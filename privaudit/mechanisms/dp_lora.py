@@ -32,6 +32,17 @@ from torch import nn
 from privaudit.audit.events import Event, GaussianEvent, PlaintextEvent
 from privaudit.config import PrivacyPlan, RunConfig
 from privaudit.data import Record
+from privaudit.mechanisms.distributed import (
+    World,
+    all_reduce_sum,
+    close_world,
+    init_world,
+    world_from_env,
+    broadcast_indices,
+    broadcast_object,
+    broadcast_tensors,
+    share,
+)
 from privaudit.mechanisms.per_sample import PerSampleGradients
 from privaudit.mechanisms import rng
 from privaudit.mechanisms.sampling import Sampler, fresh_seed, make_sampler
@@ -129,6 +140,29 @@ def accumulate_clipped_sum(model: nn.Module, psg: PerSampleGradients, batch: dic
     return out.norms
 
 
+def add_gaussian_noise(grads: Sequence[torch.Tensor], std: float, generator: torch.Generator) -> None:
+    """Add N(0, std²) to every element of ``grads`` (in place), drawn as one flat vector (``grads`` order)
+    from ``generator``."""
+    if std <= 0 or not grads:
+        return
+    ref = grads[0]
+    if all(g.dtype == ref.dtype and g.device == ref.device for g in grads):
+        sizes = [g.numel() for g in grads]
+        noise = rng.randn(sum(sizes), generator=generator, device=ref.device, dtype=ref.dtype).mul_(std)
+        torch._foreach_add_(list(grads), [z.view_as(g) for z, g in zip(noise.split(sizes), grads)])
+    else:
+        for g in grads:
+            g.add_(rng.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype).mul_(std))
+
+
+def noisy_sum(world: World, grads: Sequence[torch.Tensor], std: float, generator: torch.Generator) -> None:
+    """In place: ``grads`` (this rank's clipped partial sums) become Σ over ranks + N(0, std²), the noise
+    drawn once, by rank 0 (see :mod:`.distributed`). One process: just the noise."""
+    if world.is_main:
+        add_gaussian_noise(grads, std, generator)
+    all_reduce_sum(world, grads)
+
+
 def apply_noisy_update(params: Sequence[tuple[str, nn.Parameter]], total: dict[str, torch.Tensor], std: float,
                        denominator: float, generator: torch.Generator, optimizer: torch.optim.Optimizer) -> None:
     """grad = (clipped sum + N(0, std²)) / denominator for every parameter, then one optimizer step.
@@ -137,15 +171,7 @@ def apply_noisy_update(params: Sequence[tuple[str, nn.Parameter]], total: dict[s
     ``generator``; the sums in ``total`` are updated in place.
     """
     grads = [total[n] for n, _ in params]
-    if std > 0:
-        ref = grads[0]
-        if all(g.dtype == ref.dtype and g.device == ref.device for g in grads):
-            sizes = [g.numel() for g in grads]
-            noise = rng.randn(sum(sizes), generator=generator, device=ref.device, dtype=ref.dtype).mul_(std)
-            torch._foreach_add_(grads, [z.view_as(g) for z, g in zip(noise.split(sizes), grads)])
-        else:
-            for g in grads:
-                g.add_(rng.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype).mul_(std))
+    add_gaussian_noise(grads, std, generator)
     torch._foreach_div_(grads, float(denominator))
     for (_, p), g in zip(params, grads):
         p.grad = g
@@ -166,7 +192,8 @@ class DPLoraTrainer:
 
     def __init__(self, cfg: RunConfig, train_records: Sequence[Record], plan: PrivacyPlan, model: nn.Module,
                  tokenizer: Any, device: torch.device, *, ledger: Any = None, noise_factor: float = 1.0,
-                 secret_seed: int | None = None, canary_seed: int | None = None) -> None:
+                 secret_seed: int | None = None, canary_seed: int | None = None, world: World | None = None) -> None:
+        self.world = world if world is not None else World()
         self.cfg, self.plan, self.model, self.tokenizer, self.device = cfg, plan, model, tokenizer, device
         self.records = list(train_records)
         self.ledger = ledger
@@ -248,19 +275,44 @@ class DPLoraTrainer:
         return total, len(indices)
 
     def step(self) -> dict[str, Any]:
-        """One update: sample, clip, add canaries, append the ledger event, add noise, step."""
-        units = self.sampler.next_batch()
+        """One update: sample, clip, add canaries, append the ledger event, add noise, step. Across
+        processes (:mod:`.distributed`): rank 0 samples and broadcasts the batch, each rank clips its
+        share, rank 0 adds the canaries, writes the ledger and then the noise, and the sums are
+        all-reduced before the same update is applied everywhere."""
+        w = self.world
+        units = broadcast_indices(w, self.sampler.next_batch() if w.is_main else None)
         n_rec = len(self.records)
-        total, size = self.clipped_sum(units[units < n_rec])
-        n_canaries = self.add_canaries(total, [self.units[int(j) - n_rec] for j in units[units >= n_rec]])
-        if self.ledger is not None:
+        records = units[units < n_rec]
+        total, _ = self.clipped_sum(share(w, records))
+        n_canaries = self.add_canaries(total, [self.units[int(j) - n_rec] for j in units[units >= n_rec]]) \
+            if w.is_main else 0
+        if self.ledger is not None and w.is_main:
             self.ledger.append(self.event)  # write-ahead: durable before the update is applied
         std = self.plan.noise_multiplier * self.plan.clip_norm * self.noise_factor
-        apply_noisy_update(self.params, total, std, self.denominator, self.noise_gen, self.optimizer)
+        noisy_sum(w, [total[n] for n, _ in self.params], std, self.noise_gen)
+        apply_noisy_update(self.params, total, 0.0, self.denominator, self.noise_gen, self.optimizer)
         if self.canary_recorder is not None:  # `total` now holds the released noisy sum / denominator
             self.canary_recorder.record(total, self.denominator)
         self.step_count += 1
-        return {"batch_size": size, "canaries": n_canaries}
+        return {"batch_size": len(records), "canaries": n_canaries}
+
+    def sync_from_main(self) -> None:
+        """Across processes: every rank takes rank 0's trainable weights, optimizer state, step count
+        and saved extras (after rank 0 started fresh or resumed from its checkpoint)."""
+        w = self.world
+        if not w.distributed:
+            return
+        from privaudit.mechanisms.training import optimizer_from_flat, optimizer_to_flat
+
+        broadcast_tensors(w, [p for _, p in self.params])
+        meta = broadcast_object(w, {"step": self.step_count, "resumed_from": self.resumed_from,
+                                    "extra": self.extra_state,
+                                    "optimizer": optimizer_to_flat(self.optimizer) if w.is_main else None})
+        self.step_count, self.resumed_from = int(meta["step"]), meta["resumed_from"]
+        self.extra_state = dict(meta["extra"])
+        if not w.is_main:
+            tensors, state = meta["optimizer"]
+            optimizer_from_flat(self.optimizer, tensors, state)
 
     # -- state --------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -341,18 +393,22 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     if not (math.isfinite(_unsafe_noise_factor) and _unsafe_noise_factor >= 0):
         raise ValueError(f"_unsafe_noise_factor: must be a finite number >= 0, got {_unsafe_noise_factor!r}")
     require_mechanism(cfg, NAME)
+    world = world_from_env()
+    init_world(world)
     plan, num_labels, device = fit_setup(cfg, train_records, heldout_records, plan, num_labels)
     model, tok = build_model(cfg, num_labels, device)
     theta_0 = trainable_state_dict(model)
     trainer = DPLoraTrainer(cfg, train_records, plan, model, tok, device, ledger=ledger,
-                            noise_factor=_unsafe_noise_factor)
+                            noise_factor=_unsafe_noise_factor, world=world)
     try:
         theta_0 = trainer.start(resume, checkpointer, theta_0, heldout_records)
+        trainer.sync_from_main()  # across processes: rank 0's (initial or resumed) state everywhere
         if not resume and checkpointer is not None:
             trainer.save(checkpointer, theta_0)  # step 0: the secret seeds are durable before step 1
         trainer.run(checkpointer, theta_0, progress)
     finally:
         trainer.close()
+        close_world(world)
     metrics = trainer.final_metrics(heldout_records)
     model.eval()
     # every-step record (opt-in): only complete when the run did not resume from a checkpoint
