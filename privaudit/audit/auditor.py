@@ -201,6 +201,7 @@ class AttackResult:
     note: str | None = None
     power: float | None = None  # the largest ε_lower this attack's design could certify (perfect guesses)
     by_bound: Mapping[str, EpsilonLowerBound] = field(default_factory=dict)  # every bound at the target δ
+    sound_bounds: Mapping[float, EpsilonLowerBound] = field(default_factory=dict)  # assumption-free, per δ
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "metrics": _jsonable(dict(self.metrics))}
@@ -725,9 +726,11 @@ def _n_bound_tests(deltas: Sequence[float]) -> int:
 
 
 def _bounds(scores: AttackScores, deltas: Sequence[float], confidence: float, seed: int
-            ) -> tuple[dict[float, EpsilonLowerBound], dict[str, EpsilonLowerBound]]:
+            ) -> tuple[dict[float, EpsilonLowerBound], dict[str, EpsilonLowerBound], dict[float, EpsilonLowerBound]]:
     """Every one-run bound of one attack, each at ``confidence`` (already Bonferroni-corrected by the
-    caller): ({δ: the larger bound at δ}, {bound name: bound at deltas[0]})."""
+    caller): ({δ: the larger bound at δ}, {bound name: bound at deltas[0]}, {δ: the assumption-free
+    (Steinke) bound at δ}). The f-DP bound holds only for a Gaussian trade-off curve, so a verdict of
+    violation rests on the assumption-free one alone."""
     assert scores.member_scores is not None and scores.nonmember_scores is not None
     s = np.concatenate([scores.member_scores, scores.nonmember_scores])
     inc = np.concatenate([np.ones(scores.member_scores.size, bool), np.zeros(scores.nonmember_scores.size, bool)])
@@ -737,7 +740,7 @@ def _bounds(scores: AttackScores, deltas: Sequence[float], confidence: float, se
     best = {d: max([steinke[d]] + ([fdp[d]] if d in fdp else []), key=lambda b: b.value) for d in deltas}
     target = deltas[0]
     by_bound = {bound_name(b): b for b in [steinke[target]] + ([fdp[target]] if target in fdp else [])}
-    return best, by_bound
+    return best, by_bound, steinke
 
 
 def _power(scores: AttackScores, delta: float, confidence: float, seed: int) -> float:
@@ -747,7 +750,8 @@ def _power(scores: AttackScores, delta: float, confidence: float, seed: int) -> 
     inc = np.concatenate([np.ones(scores.member_scores.size, bool), np.zeros(scores.nonmember_scores.size, bool)])
 
     def bound_fn(s: NDArray[np.float64], i: NDArray[np.bool_], d: float, c: float) -> EpsilonLowerBound:
-        return _bounds(AttackScores(scores.name, scores.kind, s[i], s[~i], bound="one_run"), [d], c, seed)[0][d]
+        # the assumption-free bound: a violation can only be shown by it (see _verdict)
+        return _bounds(AttackScores(scores.name, scores.kind, s[i], s[~i], bound="one_run"), [d], c, seed)[2][d]
 
     return float(audit_power(inc, delta, confidence, bound_fn).value)
 
@@ -775,14 +779,21 @@ def _fmt(x: float) -> str:
 def _verdict(has_guarantee: bool, compared: float, compared_by: str | None, delta: float,
              top: EpsilonLowerBound | None, top_attack: str | None, claims: Sequence[dict[str, Any]],
              n_attacks: int, observer: str, confidence: float, power: float | None = None,
-             power_attack: str | None = None) -> tuple[Verdict, str]:
+             power_attack: str | None = None, sound_lower: float | None = None) -> tuple[Verdict, str]:
     """The verdict and its one-sentence reason (see the module docstring).
 
     ``consistent`` only when a valid bound was computed and the design had the power to exceed the
     accounted ε (``power``: the largest ε_lower any attack's design could certify); otherwise, with a
     guarantee and no violation, ``inconclusive`` with the reason."""
     lower = top.value if top is not None else 0.0
+    sound = lower if sound_lower is None else sound_lower  # the assumption-free bound decides a violation
     refuted = [c for c in claims if c["status"] == "refuted"]
+    if has_guarantee and lower > compared and sound <= compared:
+        return "inconclusive", (f"the f-DP bound gives ε_lower = {_fmt(lower)} ({top_attack}) at δ = {delta:g}, above "
+                                f"the accounted ε = {_fmt(compared)} ({compared_by}), but it assumes a Gaussian "
+                                "trade-off curve, which a subsampled mechanism need not have; no assumption-free "
+                                f"bound exceeds the accounted ε (largest {_fmt(sound)}): worth investigating, not a "
+                                "proof of a violation")
     if has_guarantee and lower > compared:
         return "violation", (f"the audit proves ε ≥ {_fmt(lower)} ({top_attack}, {100 * confidence:g}% confidence) "
                              f"at δ = {delta:g}, above the accounted ε = {_fmt(compared)} ({compared_by}): the "
@@ -983,10 +994,10 @@ def score_attacks(outcomes: Sequence[AttackScores], delta: float, deltas: Sequen
         note = "; ".join(x for x in (o.note, why) if x) or None
         if any(o is b for b in bounded):
             order = [delta] + [d for d in deltas if d != delta]
-            by_delta, by_bound = _bounds(o, order, per_conf, _derived_seed(seed, i, 0x424E44))
+            by_delta, by_bound, sound = _bounds(o, order, per_conf, _derived_seed(seed, i, 0x424E44))
             results.append(AttackResult(o.name, o.kind, metrics, roc, by_delta[delta], by_delta, confidence, note,
                                         power=_power(o, delta, per_conf, _derived_seed(seed, i, 0x424E44)),
-                                        by_bound=by_bound))
+                                        by_bound=by_bound, sound_bounds=sound))
         else:
             results.append(AttackResult(o.name, o.kind, metrics, roc, None, {}, None, note))
     return results, bounded, n_bounds, per_conf
@@ -1115,12 +1126,19 @@ def audit_run(
         for c in claims:
             cd = float(c.delta)
             best = max(((r.bounds[cd].value, r.name) for r in with_bounds), default=(0.0, None))
-            claimed.append({"epsilon": float(c.epsilon), "delta": cd, "source": c.source, "scope": c.scope,
-                            "epsilon_lower": best[0], "attack": best[1],
-                            "status": "refuted" if best[0] > float(c.epsilon) else "not refuted"})
+            sound = max((r.sound_bounds[cd].value for r in with_bounds if cd in r.sound_bounds), default=0.0)
+            entry = {"epsilon": float(c.epsilon), "delta": cd, "source": c.source, "scope": c.scope,
+                     "epsilon_lower": best[0], "attack": best[1], "epsilon_lower_assumption_free": sound,
+                     "status": "refuted" if sound > float(c.epsilon) else "not refuted"}
+            if best[0] > float(c.epsilon) >= sound:
+                entry["note"] = ("only the f-DP bound, which assumes a Gaussian trade-off curve, exceeds the claim; "
+                                 "no assumption-free bound does, so it is not refuted")
+            claimed.append(entry)
+        sound_lower = max((r.sound_bounds[delta].value for r in with_bounds if delta in r.sound_bounds), default=0.0)
         verdict, reason = _verdict(has_guarantee, compared, compared_by, delta, top_bound,
                                    _bound_label(top), claimed, len(outcomes), observer,
-                                   confidence, power, strongest.name if strongest is not None else None)
+                                   confidence, power, strongest.name if strongest is not None else None,
+                                   sound_lower=sound_lower)
         accounted, reason = _mechanism_parts(run.manifest, accounted, reason, results)
         public_settings = {k: v for k, v in settings.items() if not k.startswith("_")}
         public_settings.update({

@@ -431,3 +431,21 @@ def test_exposure_nll_without_the_shared_prefix_keeps_every_rank() -> None:
     shift = full - fast
     assert shift.min() > 0 and shift.max() - shift.min() < 1e-3  # the same constant for every text
     assert list(np.argsort(full, kind="stable")) == list(np.argsort(fast, kind="stable"))
+
+
+def test_a_violation_needs_an_assumption_free_bound() -> None:
+    """The f-DP bound assumes a Gaussian trade-off curve: above the accounted ε on its own it makes the
+    audit inconclusive (worth investigating), never a violation; the Steinke bound above it is one."""
+    from privaudit.audit.bounds import EpsilonLowerBound
+
+    fdp = EpsilonLowerBound(value=3.0, delta=1e-5, confidence=0.95, method="one_run_fdp")
+    common = dict(has_guarantee=True, compared=2.0, compared_by="pld", delta=1e-5, top=fdp,
+                  top_attack="gradient_canaries_one_run", claims=[], n_attacks=1, observer="released model",
+                  confidence=0.95, power=5.0, power_attack="gradient_canaries_one_run")
+    verdict, reason = auditor._verdict(**common, sound_lower=1.5)
+    assert verdict == "inconclusive" and "Gaussian trade-off" in reason
+    verdict, _ = auditor._verdict(**common, sound_lower=2.5)
+    assert verdict == "violation"
+    verdict, _ = auditor._verdict(**{**common, "top": EpsilonLowerBound(value=1.0, delta=1e-5, confidence=0.95,
+                                                                           method="one_run")}, sound_lower=1.0)
+    assert verdict == "consistent"
