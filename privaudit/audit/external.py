@@ -748,6 +748,9 @@ def audit_model(
             ledger_obj = Ledger.read(ledger_path)
         except LedgerCorruptError as exc:
             raise ValueError(f"ledger: {ledger_path}: {exc}") from None
+        if ledger_obj.status != "intact":
+            raise ValueError(f"ledger: {ledger_path} is {ledger_obj.status} (not sealed): a ledger whose ε is "
+                             "checked must be complete and sealed")
         if delta is None:
             delta = ledger_obj.header.target_delta
         if delta is None:
@@ -905,6 +908,8 @@ def audit_model(
             "data": data_desc, "membership_decided_by": membership,
             "privacy": {"delta": delta, **({"claimed_epsilon": float(epsilon)} if epsilon is not None else {})},
             "ledger": None if ledger_path is None else {"file": str(ledger_path), "copied_to": LEDGER_FILE},
+            **({} if ledger_obj is None else {"ledger_head_hash": ledger_obj.head_hash,
+                                              "ledger_seal": ledger_obj.reading.seal if ledger_obj.reading else None}),
             "versions": _versions(),
         }
         path = _write_out(out_path, result, manifest, ledger_path)

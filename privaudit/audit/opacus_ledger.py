@@ -61,6 +61,7 @@ def ledger_from_opacus_history(history: Iterable[Sequence[Any]], path: str | os.
     try:
         for ev in events:
             ledger.append(ev)
+        ledger.seal()  # the history is complete: a reader treats an unsealed ledger as incomplete
     finally:
         ledger.close()
     return Ledger.read(path)
