@@ -579,9 +579,27 @@ def _gradient_canary_attack(ctx: AuditContext) -> list[AttackScores]:
     ctx.log(f"gradient canaries: scoring {key.count} canaries")
     scores = score_gradient_canaries(run.theta_0, trainable_state_dict(run.model), key)
     inc = np.array(key.included, dtype=bool)
-    return [AttackScores("gradient_canaries_one_run", "canary", scores[inc], scores[~inc], bound="one_run",
-                         metrics={"m": key.count, "sample_rate": key.sample_rate},
-                         note="white-box: score = −⟨θ_final − θ₀, u_i/‖u_i‖⟩")]
+    note = "white-box: score = −⟨θ_final − θ₀, u_i/‖u_i‖⟩"
+    bound: BoundMethod = "one_run"
+    if _canary_outside_ledger(run.ledger):
+        bound = "none"
+        note += ("; metrics only: a canary is an added unit, and over several passes of fixed-size batches "
+                 "its add/remove ε is not bounded by this replace ledger")
+    return [AttackScores("gradient_canaries_one_run", "canary", scores[inc], scores[~inc], bound=bound,
+                         metrics={"m": key.count, "sample_rate": key.sample_rate}, note=note)]
+
+
+def _canary_outside_ledger(ledger: Any) -> bool:
+    """Whether the ledger's ε may not bound a gradient canary (an added sampler unit): a replace ledger
+    with fixed-size batches over more than one pass (add/remove is proved for one pass only; see
+    :func:`privaudit.mechanisms.dp_lora.step_event`)."""
+    from privaudit.audit.events import GaussianEvent
+
+    if getattr(ledger.header, "neighbouring", "add_remove") != "replace":
+        return False
+    fixed = [e for e in ledger.events if isinstance(e, GaussianEvent) and e.sampling == "fixed_batch"]
+    slots = sum(e.count * int(e.batch_size or 0) for e in fixed)
+    return bool(fixed) and slots > min(int(e.dataset_size or 0) for e in fixed)
 
 
 def _gradient_canary_every_step_attack(ctx: AuditContext) -> list[AttackScores]:

@@ -462,7 +462,7 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
 
 
 def _sketch_canary_attack(ctx: Any) -> list[Any]:
-    from privaudit.audit.auditor import AttackScores
+    from privaudit.audit.auditor import AttackScores, _canary_outside_ledger
     from privaudit.models import trainable_state_dict
 
     run = ctx.run
@@ -488,9 +488,11 @@ def _sketch_canary_attack(ctx: Any) -> list[Any]:
                                        scaling=[layers[n].scaling for n in key.layers])
         how = "A public: score = −⟨ΔB, s·G_i·Aᵀ⟩/‖s·G_i·Aᵀ‖"
     inc = np.array(key.included, dtype=bool)
-    return [AttackScores(ATTACK, "canary", scores[inc], scores[~inc], bound="one_run",
+    outside = _canary_outside_ledger(run.ledger)  # an added unit the replace ledger may not bound
+    return [AttackScores(ATTACK, "canary", scores[inc], scores[~inc], bound="none" if outside else "one_run",
                          metrics={"m": key.count, "sample_rate": key.sample_rate, "a_known": not secret},
-                         note=f"white-box weight-gradient canaries seen through the sketch; {how}")]
+                         note=f"white-box weight-gradient canaries seen through the sketch; {how}"
+                         + ("; metrics only (several fixed-batch passes under a replace ledger)" if outside else ""))]
 
 
 def _register() -> None:

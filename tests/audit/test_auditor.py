@@ -449,3 +449,19 @@ def test_a_violation_needs_an_assumption_free_bound() -> None:
     verdict, _ = auditor._verdict(**{**common, "top": EpsilonLowerBound(value=1.0, delta=1e-5, confidence=0.95,
                                                                            method="one_run")}, sound_lower=1.0)
     assert verdict == "consistent"
+
+
+def test_gradient_canaries_give_no_bound_where_the_ledger_may_not_cover_them(tmp_path: Path) -> None:
+    """A replace ledger with several passes of fixed-size batches: a canary (an added unit) is not
+    covered by it, so the canary attack gives metrics only; one pass, or add/remove, keeps the bound."""
+    from privaudit.audit.events import GaussianEvent
+
+    def ledger(name: str, rel: str, steps: int) -> Ledger:
+        with Ledger.create(tmp_path / f"{name}.jsonl", neighbouring=rel) as led:
+            led.append(GaussianEvent(noise_multiplier=1.0, sampling="fixed_batch", batch_size=10, dataset_size=100,
+                                     clip_norm=1.0, sensitivity=2.0, count=steps))
+        return Ledger.read(tmp_path / f"{name}.jsonl")
+
+    assert auditor._canary_outside_ledger(ledger("a", "replace", 11))
+    assert not auditor._canary_outside_ledger(ledger("b", "replace", 10))
+    assert not auditor._canary_outside_ledger(ledger("c", "add_remove", 10))
