@@ -25,8 +25,6 @@ __all__ = ["STUDIES", "study_mechanism", "run_study_file", "run_privtune_study",
 
 
 def _read(path: str | Path) -> dict[str, Any]:
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config: {p} is not a file")
