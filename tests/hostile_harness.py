@@ -136,8 +136,12 @@ def crafted_run(root: Path, config: dict[str, Any] | None = None, status: str = 
     manifest = {"format_version": 1, "status": status, "mechanism": "dp_lora", "task": "classification",
                 "config": config if config is not None else config_to_dict(parse_config(TINY)),
                 "data": {"label_names": ["a", "b"]}}
+    led = Ledger.create(rd / "ledger.jsonl", mechanism="dp_lora", target_delta=1e-5)
+    if status == "complete":  # a finished run's ledger is sealed and the manifest keeps its head and seal
+        manifest["ledger_seal"] = led.seal()
+        manifest["ledger_head_hash"] = led.head_hash
+    led.close()
     (rd / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    Ledger.create(rd / "ledger.jsonl", mechanism="dp_lora", target_delta=1e-5).close()
     (rd / "ledger.jsonl.lock").unlink(missing_ok=True)
     save_file({}, str(rd / "adapter.safetensors"))
     return rd

@@ -187,6 +187,7 @@ def test_piped_output_is_plain_and_whole(tmp_path: Path) -> None:
     p = tmp_path / "ledger.jsonl"
     with Ledger.create(p, mechanism="dp_lora", target_delta=1e-5) as led:
         led.append(GaussianEvent(noise_multiplier=1.0, sample_rate=0.01, count=5))
+        led.seal()
     out = run("ledger", "show", str(p)).stdout
     assert "┃" not in out and "…" not in out and "gaussian" in out
 

@@ -25,7 +25,7 @@ NEIGHBOURING_RELATIONS: tuple[str, ...] = ("add_remove", "replace")
 # Sanity bounds (hostile ledgers): values outside them are rejected at parse time naming the field,
 # instead of overflowing an accountant later. They are far outside any real training run.
 MAX_COUNT = 10**12  # releases one line stands for
-MIN_NOISE, MAX_NOISE = 1e-3, 1e6  # noise multipliers (std / clip); effective noise likewise
+MIN_NOISE, MAX_NOISE = 1e-4, 1e6  # noise multipliers (std / clip); effective noise likewise (= config's range)
 MIN_RATE = 1e-12  # smallest sampling rate
 MIN_SCALE, MAX_SCALE = 1e-9, 1e12  # clip norms, sensitivities, Laplace scales, eta
 MAX_SIZE = 10**12  # batch/dataset sizes, steps, bytes, dimensions
@@ -77,9 +77,9 @@ class GaussianEvent(_Event):
                 raise ValueError("batch_size: larger than dataset_size")
         for rel in NEIGHBOURING_RELATIONS:
             eff = self.effective_noise_multiplier(rel)  # type: ignore[arg-type]
-            if not MIN_NOISE <= eff <= MAX_NOISE:
+            if not MIN_NOISE / 4 <= eff <= MAX_NOISE:  # σ / (sensitivity / C), sensitivity up to 2C (replace)
                 raise ValueError(f"sensitivity: effective noise multiplier {eff:.3g} ({rel}) outside "
-                                 f"[{MIN_NOISE:g}, {MAX_NOISE:g}]")
+                                 f"[{MIN_NOISE / 4:g}, {MAX_NOISE:g}]")
         return self
 
     def effective_noise_multiplier(self, neighbouring: Neighbouring = "add_remove") -> float:

@@ -91,5 +91,5 @@ def ledger_integrity(run_dir: str | Path, public_key: Any = None) -> IntegritySt
         return IntegrityStatus(False, "incomplete", "the ledger's head hash differs from the one the run "
                                "recorded in its manifest: the ledger was cut short, extended or replaced "
                                "after the run", vr.head_hash, recorded)
-    return IntegrityStatus(True, "intact", f"the ledger verifies ({vr.message}) and its head matches the "
+    return IntegrityStatus(True, "intact", f"the hash chain verifies ({vr.message}) and its head matches the "
                            "manifest", vr.head_hash, recorded)

