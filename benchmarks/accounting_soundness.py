@@ -221,8 +221,9 @@ def main() -> None:
             counts[n][o.status] += 1
             if o.status == "unsound":
                 print(f"UNSOUND {n}: {case} -- {o.detail}")
-        if (i + 1) % 200 == 0:
-            print(f"  {i + 1} cases, {time.perf_counter() - t0:.0f} s", flush=True)
+        if (i + 1) % 50 == 0:
+            summary = "; ".join(f"{n} " + " ".join(f"{k} {v}" for k, v in counts[n].items()) for n in names)
+            print(f"  {i + 1} cases, {time.perf_counter() - t0:.0f} s: {summary}", flush=True)
     print(f"\n{args.cases} random configs (seed {args.seed}), {time.perf_counter() - t0:.0f} s")
     for n in names:
         c = counts[n]

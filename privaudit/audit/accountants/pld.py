@@ -35,7 +35,11 @@ Discretisation on the grid l_j = jΔ:
 Composition multiplies the discrete Fourier transforms (powers for repeated segments) on a window
 of the composed loss chosen by Chernoff bounds; the probability that the composed loss leaves the
 window is bounded from the same moment generating functions and counted into δ (upper bound) or
-subtracted (lower bound), together with an allowance for floating-point error of the FFT.
+subtracted (lower bound), together with an allowance for floating-point error of the FFT. That
+allowance is absolute (~1e-16 × the transform's size), which puts a floor under δ; below it (δ down to
+1e-12 and beyond) the composition is exponentially tilted (inputs × e^{λl}, λ from the best Chernoff
+bound at δ, re-centred on the answer when that lies well below it), so that the upper tail keeps
+relative precision; the tilted mass that the cyclic FFT would wrap around is bounded and counted.
 
 The reported ``epsilon`` is the pessimistic value (``epsilon_upper``).
 """

@@ -320,13 +320,15 @@ class PRVAccountant(RDPDomainAccountant):
                    for items in orients.values())
 
     def _delta(self, segments: Sequence[Segment], epsilon: float) -> float:
-        """δ(ε) upper bound: δ̂(ε − ε_err) + δ_err with δ_err = 1e-10 (Gopi et al. Thm. 5.5)."""
+        """δ(ε) upper bound: δ̂(ε − ε_err − k·η) + δ_err + s with δ_err = 1e-10 (Gopi et al. Thm. 5.5;
+        k·η and s as in the module docstring)."""
         orients = _orientations(segments)
         out = 0.0
         for items in orients.values():
             de = 1e-10
             c = self._compose(items, segments, de)
-            d_hat = c.delta(max(epsilon - self.eps_error, 0.0), pessimistic=False) - c.extra(False) \
+            widen = self.eps_error + getattr(c, "mean_slack", 0.0)
+            d_hat = c.delta(max(epsilon - widen, 0.0), pessimistic=False) - c.extra(False) \
                 + c.inf_mass
-            out = max(out, d_hat + de)
+            out = max(out, d_hat + de + c.noise + getattr(c, "mass_slack", 0.0))
         return float(min(out, 1.0))
