@@ -682,7 +682,7 @@ def write_pdf(records: Sequence[RunRecord], out_pdf: str | Path, *,
                         Spacer(1, 4)]
     refused = [r for r in records if r.guarantee_refused and r.has_guarantee is not False]
     if refused:
-        story += [_banner([f"LEDGER INTEGRITY FAILED: no privacy guarantee is stated for {r.label}. "
+        story += [_banner([f"LEDGER INTEGRITY FAILED: no privacy guarantee is stated for {r.label}: "
                            f"{r.guarantee_refused}." for r in refused], width, st), Spacer(1, 4)]
     story += [_p(SECTION_TITLES["executive"], st["h1"])]
     story += [_exec_block(r, records, width, st) for r in records]
