@@ -26,7 +26,6 @@ from reportlab.platypus import (
     CondPageBreak,
     Image,
     KeepTogether,
-    PageBreak,
     Paragraph,
     SimpleDocTemplate,
     Spacer,
