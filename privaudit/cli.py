@@ -676,7 +676,8 @@ def _print_sweep(res: Any, as_json: bool) -> None:
     for p in res.points:
         eps = (p.get("epsilon") or {}).get("pld")
         util = p.get("utility") or {}
-        util_text = ", ".join(f"{k} {v:.3f}" for k, v in util.items() if isinstance(v, (int, float)))
+        util_text = ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.3f}" for k, v in util.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool))
         lower = p.get("epsilon_lower")
         rows.append([p["name"], f"{p.get('noise_multiplier') or 0:.3g}",
                      _format_eps(eps if eps is not None else math.inf), util_text,

@@ -123,6 +123,9 @@ def build_report(run_dirs: Sequence[str | Path], out_pdf: str | Path, *,
                 figures.pop(key).unlink(missing_ok=True)
         per_run[r.run_id] = items
 
+    for stale in fig_dir.glob("*.png"):  # figures of an earlier rendering that this one does not have
+        if stale not in figures.values():
+            stale.unlink()
     say("tables: CSV and JSON")
     runs_csv = write_csv([run_row(r) for r in records], out.parent / f"{stem}_runs.csv")
     attacks_csv = write_csv(attack_rows(records), out.parent / f"{stem}_attacks.csv")

@@ -26,7 +26,6 @@ from reportlab.platypus import (
     CondPageBreak,
     Image,
     KeepTogether,
-    PageBreak,
     Paragraph,
     SimpleDocTemplate,
     Spacer,
@@ -438,7 +437,7 @@ def _attack_table(r: RunRecord, width: float, st: dict[str, ParagraphStyle]) -> 
                "level)" if conf else "")
             + "; [power]: the largest bound its design could certify (perfect guesses). 'no bound': the attack's "
             "units were not included by fair coins, so it reports metrics only.")
-    return [_table(rows, [width * f for f in (0.17, 0.09, 0.17, 0.09, 0.09, 0.12, 0.27)], st),
+    return [_table(rows, [width * f for f in (0.2, 0.11, 0.16, 0.08, 0.08, 0.11, 0.26)], st),
             _p(note, st["caption"])]
 
 
@@ -522,7 +521,7 @@ def _run_section(r: RunRecord, figures: Sequence[tuple[str, Path]], width: float
                         "attack.", st["body"]))
 
     for caption, path in figures:
-        story.append(KeepTogether([Spacer(1, 4), _image(path, width * 0.7, 75 * mm), _p(caption, st["caption"])]))
+        story.append(KeepTogether([Spacer(1, 4), _image(path, width * 0.62, 64 * mm), _p(caption, st["caption"])]))
 
     # ledger
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(r.event_counts.items())) or "none"
@@ -682,7 +681,7 @@ def write_pdf(records: Sequence[RunRecord], out_pdf: str | Path, *,
                         Spacer(1, 4)]
     refused = [r for r in records if r.guarantee_refused and r.has_guarantee is not False]
     if refused:
-        story += [_banner([f"LEDGER INTEGRITY FAILED: no privacy guarantee is stated for {r.label}. "
+        story += [_banner([f"LEDGER INTEGRITY FAILED: no privacy guarantee is stated for {r.label}: "
                            f"{r.guarantee_refused}." for r in refused], width, st), Spacer(1, 4)]
     story += [_p(SECTION_TITLES["executive"], st["h1"])]
     story += [_exec_block(r, records, width, st) for r in records]
@@ -695,8 +694,8 @@ def write_pdf(records: Sequence[RunRecord], out_pdf: str | Path, *,
     if summary_figures or summary_notes:
         story += [CondPageBreak(110 * mm), _p(SECTION_TITLES["comparison"], st["h1"])]
         for caption, path in summary_figures:
-            story.append(KeepTogether([_image(path, width * 0.9, 100 * mm), _p(caption, st["caption"]),
-                                       Spacer(1, 6)]))
+            story.append(KeepTogether([_image(path, width * 0.85, 86 * mm), _p(caption, st["caption"]),
+                                       Spacer(1, 4)]))
         story += [_p(n, st["small"]) for n in summary_notes]
     shared = len(records) > 1 and all(r.versions == records[0].versions for r in records)
     for i, r in enumerate(records):
