@@ -500,6 +500,27 @@ def study(config_path: Path, out_dir: Path, quiet: bool, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=1, default=str))
 
 
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def models_cmd(as_json: bool) -> None:
+    """The bundled base models and whether each is ready to load offline (builds nothing)."""
+    from privaudit.models import cache_dir, model_status
+
+    rows = model_status()
+    if as_json:
+        emit_json({"cache_dir": str(cache_dir()), "models": rows})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bundled models (any local causal LM / encoder path or cached HF id works too)")
+    for col in ("model", "ready", "detail"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["ready"], row["detail"])
+    Console().print(table)
+
+
 @cli.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("demo_out"),
               show_default=True, help="Output directory (re-running resumes).")
