@@ -34,10 +34,10 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/privaudit demo -o $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/privaudit demo --lm -o $(DEMO_DIR)
 
 demo-quick: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/privaudit demo --quick -o $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/privaudit demo --quick --lm -o $(DEMO_DIR)
 
 bench: setup
 	$(PY) benchmarks/accounting.py

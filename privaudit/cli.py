@@ -530,8 +530,9 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--seed", type=int, default=None,
               help="Seed the DP noise and sampling (reproducible runs, e.g. CI). Default: OS entropy, "
                    "as a real private run must use.")
-@click.option("--lm/--no-lm", "with_lm", default=True, show_default=True,
-              help="Also the language-model part (SmolLM2-135M, non-private vs ε = 8) into OUTPUT/lm.")
+@click.option("--lm/--no-lm", "with_lm", default=False, show_default=True,
+              help="Also the language-model part (SmolLM2-135M, non-private vs ε = 8) into OUTPUT/lm "
+                   "(`make demo` turns it on).")
 def demo(out_dir: Path, quick: bool, quiet: bool, as_json: bool, seed: int | None, with_lm: bool) -> None:
     """The whole pipeline on bundled data: corpus, DP-LoRA sweep, audits, PDF report; then SmolLM2
     fine-tuned with and without DP and audited with causal-LM attacks."""

@@ -29,12 +29,22 @@ from privaudit.sweep import SweepResult, make_points, run_sweep
 LM_TARGET_EPSILON = 8.0
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: SmolLM2-135M has 30 blocks; LoRA goes on every projection of the last ones only, so the backward
+#: pass stops there (a CPU step costs about forward + 2·backward·(share of blocks adapted)).
+LM_ADAPTED_BLOCKS = range(20, 30)
+
+
+def block_targets(blocks: Sequence[int], projections: Sequence[str] = LLAMA_PROJECTIONS) -> list[str]:
+    """PEFT target names for ``projections`` of the Llama blocks ``blocks`` (full module paths)."""
+    return [f"model.layers.{i}.{'self_attn' if p in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{p}"
+            for i in blocks for p in projections]
+
 
 LM_DEMO_CONFIG: dict[str, Any] = {
     "mechanism": "dp_lora",
     "task": "causal_lm",
     "model": {"name": "smollm2-135m", "max_length": 48},
-    "lora": {"rank": 8, "alpha": 16, "target_modules": LLAMA_PROJECTIONS},
+    "lora": {"rank": 8, "alpha": 16, "target_modules": block_targets(LM_ADAPTED_BLOCKS)},
     "data": {
         "source": "synthetic",
         "synthetic": {"n_people": 60, "records_per_person": 3, "n_canaries": 16, "canary_inclusion": 0.5,

@@ -57,14 +57,14 @@ def test_lm_part_config() -> None:
     full, quick = parse_config(demo_lm.lm_demo_config()), parse_config(demo_lm.lm_demo_config(quick=True))
     for cfg in (full, quick):
         assert cfg.task == "causal_lm" and cfg.model.name == "smollm2-135m" and cfg.mechanism == "dp_lora"
-        assert set(cfg.lora.target_modules) == set(demo_lm.LLAMA_PROJECTIONS)
+        assert {t.rsplit(".", 1)[-1] for t in cfg.lora.target_modules} == set(demo_lm.LLAMA_PROJECTIONS)
         assert cfg.privacy.target_epsilon == 8.0 and cfg.privacy.delta == 1e-5
         assert cfg.data.synthetic.canary_inclusion == 0.5 and cfg.privacy.noise_seed is None
     assert quick.data.synthetic.n_people < full.data.synthetic.n_people
     assert parse_config(demo_lm.lm_demo_config(True, noise_seed=3)).privacy.noise_seed == 3
 
 
-def test_cli_runs_the_lm_part_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+def test_cli_runs_the_lm_part_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     seen: list[bool] = []
 
     class Stop(Exception):
@@ -75,10 +75,10 @@ def test_cli_runs_the_lm_part_unless_told_not_to(monkeypatch: pytest.MonkeyPatch
         raise Stop
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
-    for args in ([], ["--no-lm"]):
+    for args in (["--lm"], [], ["--no-lm"]):
         res = CliRunner().invoke(cli, ["demo", "--quick", "--quiet", "-o", str(tmp_path / "d"), *args])
         assert isinstance(res.exception, Stop), res.output
-    assert seen == [True, False]
+    assert seen == [True, False, False]
 
 
 def test_lm_demo_without_smollm2_fails_before_running(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
@@ -93,5 +93,5 @@ def test_lm_demo_without_smollm2_fails_before_running(monkeypatch: pytest.Monkey
     monkeypatch.setattr(models, "smollm2_gguf_path", missing)
     monkeypatch.setattr(demo, "run_sweep", lambda *a, **k: pytest.fail("the MiniLM part must not start"))
     with pytest.raises(SystemExit) as code:
-        main(["demo", "--quick", "--quiet", "-o", str(tmp_path / "d")])
+        main(["demo", "--quick", "--quiet", "--lm", "-o", str(tmp_path / "d")])
     assert code.value.code == 2
