@@ -86,10 +86,10 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, quiet: bool = False, l
     ``ValueError`` naming the install commands, before anything runs, when it is missing)."""
     out = Path(out_dir)
     if lm:
-        from privaudit.models import smollm2_gguf_path, smollm2_dir
+        from privaudit.models import SMOLLM2, model_status, smollm2_gguf_path
 
-        if not (smollm2_dir() / "model.safetensors").exists():
-            smollm2_gguf_path()  # fail before the first part runs, not after it
+        if next(r for r in model_status() if r["name"] == SMOLLM2)["ready"] != "yes":
+            smollm2_gguf_path()  # not converted yet: fail before the first part runs if it cannot be
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(quick, noise_seed)
     (out / "demo_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")

@@ -236,11 +236,17 @@ def summarise_point(run_dir: Path, point: dict[str, Any], lm: dict[str, Any]) ->
 
 
 def run_lm_demo(out_dir: str | Path, *, quick: bool = False, quiet: bool = False,
-                log: Callable[[str], None] | None = None, noise_seed: int | None = None) -> dict[str, Any]:
-    """Run the LM part into ``out_dir`` (resumable) and return the summary (also ``lm_summary.json``)."""
+                log: Callable[[str], None] | None = None, noise_seed: int | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the LM part into ``out_dir`` (resumable) and return the summary (also ``lm_summary.json``).
+    ``overrides``: merged into the config (e.g. a smaller model for tests)."""
+    from privaudit.demo import _merge
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = lm_demo_config(quick, noise_seed)
+    if overrides:
+        _merge(cfg, json.loads(json.dumps(overrides)))
     (out / "demo_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     points = make_points(noise_multipliers=[0.0], target_epsilons=[LM_TARGET_EPSILON])
     n_cand = LM_EXPOSURE_CANDIDATES[quick]
