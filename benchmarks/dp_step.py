@@ -243,6 +243,9 @@ def main() -> int:
     if args.only is not None:
         print(json.dumps({"memory_mb": {"after_build": footprint, "peak": peak_memory_mb(args.device)}}))
         return 0
+    if args.peak_memory and not args.json:  # the timings first: the memory runs take a while
+        print("step seconds (median, min): " + ", ".join(
+            f"{k} {statistics.median(v):.3f}, {min(v):.3f}" for k, v in times.items()), flush=True)
     memory = ({k: measure_alone(k) for k in variants if k != "privaudit_with_ledger"} if args.peak_memory
               else None)
 
