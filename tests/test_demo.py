@@ -27,7 +27,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from privaudit.demo import run_demo
 
     d = tmp_path_factory.mktemp("demo")
-    run_demo(d, quick=True, quiet=True, lm=True)
+    run_demo(d, quick=True, quiet=True)
     return d
 
 
@@ -99,49 +99,3 @@ def test_attack_success_rises_with_epsilon(demo_dir: Path) -> None:
     # and the empirical lower bound never exceeds the accounted ε of the private runs
     for p in _points(demo_dir)[:3]:
         assert p["epsilon_lower"] <= p["epsilon"]["pld"]
-
-
-# --------------------------------------------------------------------------------------------------
-# the language-model part (SmolLM2, non-private vs ε = 8): the contrast the report's headline states
-
-
-def _lm_points(demo_dir: Path) -> tuple[dict, dict]:
-    path = demo_dir / "lm" / "lm_summary.json"
-    assert path.exists(), "the demo ran without its LM part"
-    points = json.loads(path.read_text())["points"]
-    assert len(points) == 2
-    nonprivate = next(p for p in points if p["epsilon"] is None)
-    private = next(p for p in points if p["epsilon"] is not None)
-    return nonprivate, private
-
-
-def test_lm_part_non_private_memorises_and_dp_does_not(demo_dir: Path) -> None:
-    nonprivate, private = _lm_points(demo_dir)
-    assert private["epsilon"] <= 8.0 + 1e-9 and private["verdict"] == "consistent"
-    assert nonprivate["verdict"] == "no guarantee"
-    ref_np, ref_dp = nonprivate["attacks"]["reference"], private["attacks"]["reference"]
-    exp_np, exp_dp = nonprivate["exposure"], private["exposure"]
-    n_inc = len(exp_np["fraction_of_max_included"])
-    text = (f"reference AUC {ref_np['auc']:.3f} {ref_np['auc_ci']} vs {ref_dp['auc']:.3f} {ref_dp['auc_ci']}; "
-            f"included canaries near max exposure {exp_np['included_near_max']}/{n_inc} vs "
-            f"{exp_dp['included_near_max']}/{n_inc}")
-    # non-private: clear leakage (the issue's criterion: AUC CI above 0.75, or most included canaries'
-    # exposure near its maximum)
-    assert ref_np["auc_ci"][0] > 0.75 or exp_np["included_near_max"] > n_inc / 2, text
-    # DP: no clear leakage: the reference attack's CI reaches down near chance, exposure is not at its max
-    assert ref_dp["auc_ci"][0] < 0.6, text
-    assert exp_dp["included_near_max"] <= max(1, n_inc // 4), text
-    # the trend: the private run leaks less on both
-    assert ref_dp["auc"] < ref_np["auc"] and exp_dp["included_near_max"] <= exp_np["included_near_max"], text
-    # extraction: an excluded canary's secret (never seen) is not produced; private extracts no more
-    assert nonprivate["extraction"]["excluded_extracted"] == private["extraction"]["excluded_extracted"] == 0
-    assert private["extraction"]["included_extracted"] <= nonprivate["extraction"]["included_extracted"]
-
-
-def test_lm_part_perplexity_is_reported(demo_dir: Path) -> None:
-    nonprivate, private = _lm_points(demo_dir)
-    for p in (nonprivate, private):
-        assert p["perplexity"] is not None and 1.0 < p["perplexity"] < 1e4
-        assert p["perplexity_before"] is not None
-    # fine-tuning on the corpus helps held-out perplexity over the base model (the corpus is templated)
-    assert nonprivate["perplexity"] < nonprivate["perplexity_before"]
