@@ -17,11 +17,9 @@ held-out perplexity beside both.
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
 from privaudit.sweep import SweepResult, make_points, run_sweep
 
@@ -95,37 +93,7 @@ def lm_demo_config(quick: bool = False, noise_seed: int | None = None) -> dict[s
 # Swap LM_ATTACK_STEP for a function with the same signature: (run_dir, log) -> JSON-able dict.
 
 
-def _token_nlls(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int
-                ) -> list[np.ndarray]:
-    """Per-token next-token NLL (nats) of each text under a causal LM (padding excluded)."""
-    import torch
-    import torch.nn.functional as F
-
-    from privaudit.models import encode_batch
-
-    out: list[np.ndarray] = []
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            batch = encode_batch(tokenizer, list(texts[start:start + batch_size]), max_length, lm_labels=True,
-                                 device=device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                  reduction="none", ignore_index=-100).view(labels.shape)
-            for row, lab in zip(nll.cpu().double().numpy(), labels.cpu().numpy()):
-                out.append(row[lab != -100])
-    return out
-
-
-def _min_k(nll: np.ndarray, k: float = 0.2) -> float:
-    """Min-K% Prob (Shi et al. 2024): mean log-probability of the k fraction of least likely tokens."""
-    n = max(1, int(np.ceil(k * nll.size)))
-    return float(-np.sort(nll)[-n:].mean())
-
-
-def minimal_lm_attacks(run_dir: Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def lm_attacks(run_dir: Path, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Membership scores of the run's non-canary training records vs non-members (higher = member):
     ``loss`` (−mean NLL), ``min_k`` (Min-20% log-prob), ``zlib`` (−total NLL / zlib bytes of the text),
     ``reference`` (base-model NLL − fine-tuned NLL, the base model = θ₀, LoRA B = 0); each with AUC,
@@ -134,6 +102,7 @@ def minimal_lm_attacks(run_dir: Path, log: Callable[[str], None] | None = None) 
     at a fixed fraction (not by fair coins): metrics, no ε bound."""
     import torch
 
+    from privaudit.attacks.llm_scores import llm_scores
     from privaudit.attacks.metrics import membership_metrics
     from privaudit.audit.auditor import _initial_model, _population, _regenerate_data
     from privaudit.runs import load_run
@@ -146,17 +115,11 @@ def minimal_lm_attacks(run_dir: Path, log: Callable[[str], None] | None = None) 
     texts = [r.text for r in members] + [r.text for r in nonmembers]
     n_m = len(members)
     bs, length = cfg.training.eval_batch_size, cfg.model.max_length
-    say(f"LM attacks: scoring {len(texts)} records under the fine-tuned model")
-    target = _token_nlls(run.model, run.tokenizer, texts, length, bs)
-    say("LM attacks: scoring them under the base model (reference)")
+    say(f"LM attacks: scoring {len(texts)} records under the fine-tuned and the base model (one pass each)")
     base_model = _initial_model(run)
-    base = _token_nlls(base_model, run.tokenizer, texts, length, bs)
-    scores = {
-        "loss": np.array([-t.mean() for t in target]),
-        "min_k": np.array([_min_k(t) for t in target]),
-        "zlib": np.array([-t.sum() / len(zlib.compress(s.encode("utf-8"))) for t, s in zip(target, texts)]),
-        "reference": np.array([b.mean() - t.mean() for t, b in zip(target, base)]),
-    }
+    raw = llm_scores(run.model, run.tokenizer, texts, batch_size=bs, reference=base_model,
+                     attacks=("loss", "min_k", "zlib", "ref"), max_length=length)
+    scores = {"loss": raw["loss"], "min_k": raw["min_k"], "zlib": raw["zlib"], "reference": raw["ref"]}
     attacks: dict[str, Any] = {}
     for name, s in scores.items():
         m = membership_metrics(s[:n_m], s[n_m:], n_bootstrap=200, seed=0)
@@ -181,12 +144,12 @@ def minimal_lm_attacks(run_dir: Path, log: Callable[[str], None] | None = None) 
         "extraction": {"included_extracted": sum(e["extracted"] for e in inc), "included": len(inc),
                        "excluded_extracted": sum(e["extracted"] for e in exc), "excluded": len(exc),
                        "canaries": extraction},
-        "note": "minimal scoring in privaudit.demo_lm, to be replaced by privaudit.attacks.llm_scores",
+        "note": "scores from privaudit.attacks.llm_scores (one batched pass per model; reference = the base model)",
     }
 
 
 #: The swappable attack step: (run_dir, log) -> JSON-able dict with "attacks" and "extraction".
-LM_ATTACK_STEP: Callable[[Path, Callable[[str], None] | None], dict[str, Any]] = minimal_lm_attacks
+LM_ATTACK_STEP: Callable[[Path, Callable[[str], None] | None], dict[str, Any]] = lm_attacks
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def _lm_points(lm_dir: Path) -> tuple[dict, dict]:
 
 def test_lm_part_non_private_memorises_and_dp_does_not(lm_dir: Path) -> None:
     nonprivate, private = _lm_points(lm_dir)
-    assert private["epsilon"] <= 8.0 + 1e-9 and private["verdict"] == "consistent"
+    assert private["epsilon"] <= 8.0 + 1e-9 and private["verdict"] in ("consistent", "inconclusive")
     assert nonprivate["verdict"] == "no guarantee"
     ref_np, ref_dp = nonprivate["attacks"]["reference"], private["attacks"]["reference"]
     exp_np, exp_dp = nonprivate["exposure"], private["exposure"]
