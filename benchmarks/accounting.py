@@ -26,11 +26,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from privaudit.audit.accountants.base import Segment  # noqa: E402
-from privaudit.audit.accountants.calibrate import calibrate_noise  # noqa: E402
-from privaudit.audit.accountants.pld import PLDAccountant  # noqa: E402
-from privaudit.audit.accountants.prv import PRVAccountant  # noqa: E402
-from privaudit.audit.accountants.rdp import RDPAccountant  # noqa: E402
+from privaudit.accounting.base import Segment  # noqa: E402
+from privaudit.accounting.calibrate import calibrate_noise  # noqa: E402
+from privaudit.accounting.pld import PLDAccountant  # noqa: E402
+from privaudit.accounting.prv import PRVAccountant  # noqa: E402
+from privaudit.accounting.rdp import RDPAccountant  # noqa: E402
 
 warnings.simplefilter("ignore")
 logging.getLogger().setLevel(logging.ERROR)  # dp_accounting's absl warnings on the warm-up call

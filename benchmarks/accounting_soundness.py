@@ -41,8 +41,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from scipy import special  # noqa: E402
 
-from privaudit.audit.accountants.base import get_accountant, segments_from_events  # noqa: E402
-from privaudit.audit.events import GaussianEvent  # noqa: E402
+from privaudit.accounting.base import get_accountant, segments_from_events  # noqa: E402
+from privaudit.ledger.events import GaussianEvent  # noqa: E402
 
 warnings.simplefilter("ignore")
 logging.getLogger().setLevel(logging.ERROR)

@@ -119,8 +119,8 @@ def plain_variant(plain: torch.nn.Module, batch: dict[str, torch.Tensor], task: 
 def ours_variants(ours: torch.nn.Module, batch: dict[str, torch.Tensor], task: str, args: argparse.Namespace,
                   sigma: float, clip: float) -> dict[str, Callable[[], None]]:
     """privaudit's DP step (the functions dp_lora uses), without and with the fsynced ledger append."""
-    from privaudit.audit.events import GaussianEvent
-    from privaudit.audit.ledger import Ledger
+    from privaudit.ledger.events import GaussianEvent
+    from privaudit.ledger.ledger import Ledger
     from privaudit.mechanisms.dp_lora import accumulate_clipped_sum, apply_noisy_update
     from privaudit.mechanisms.per_sample import PerSampleGradients
 

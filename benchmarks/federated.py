@@ -62,7 +62,7 @@ def _child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from privaudit.config import parse_config
-    from privaudit.mechanisms.dp_fedlora import fit
+    from privaudit.mechanisms.dp_fedlora.mechanism import fit
     from privaudit.mechanisms.training import prepare_data
 
     cfg = parse_config(_config(args.n, args.per_round, args.rounds, args.backend))

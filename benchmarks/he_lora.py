@@ -67,7 +67,7 @@ def build(n_embd: int, layers: int, seed: int = 0) -> tuple[Any, Any]:
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    from privaudit.mechanisms.he_lora import HEEngine, install, uninstall
+    from privaudit.mechanisms.he_lora.mechanism import HEEngine, install, uninstall
 
     model, tok = build(args.n_embd, args.layers)
     gen = torch.Generator().manual_seed(1)

@@ -138,8 +138,8 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
             neighbouring: str | None, as_json: bool, public_key: Path | None, allow_incomplete: bool) -> None:
     """ε(δ) of a config, a ledger, or a DP-SGD setting (σ, q, steps). A ledger must verify (exit 1
     naming the first bad line otherwise) and be sealed unless --allow-incomplete."""
-    from privaudit.audit.accountants.base import accountant_names, get_accountant, segments_from_events
-    from privaudit.audit.events import GaussianEvent
+    from privaudit.accounting.base import accountant_names, get_accountant, segments_from_events
+    from privaudit.ledger.events import GaussianEvent
 
     sources = [config_path is not None, ledger_path is not None,
                any(v is not None for v in (noise_multiplier, sample_rate, steps))]
@@ -150,7 +150,7 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
     integrity: str | None = None
     no_releases = False
     if ledger_path is not None:
-        from privaudit.audit.ledger import Ledger
+        from privaudit.ledger.ledger import Ledger
 
         ledger = _read_ledger(ledger_path, public_key, allow_incomplete)
         integrity, no_releases = ledger.reading.integrity, ledger.reading.no_releases
@@ -160,7 +160,8 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
         claims = [c.model_dump(mode="json") for c in ledger.claims]
         del Ledger
     elif config_path is not None:
-        from privaudit.config import load_config, planned_events
+        from privaudit.config import load_config
+        from privaudit.runs import planned_events
 
         cfg = load_config(config_path)
         planned = planned_events(cfg)
@@ -232,7 +233,7 @@ def epsilon(config_path: Path | None, ledger_path: Path | None, noise_multiplier
 
 def _gaussian_setting(events: Any) -> list[dict[str, Any]]:
     """The Gaussian releases as (σ, q, steps) runs, merging consecutive lines with the same σ and q."""
-    from privaudit.audit.events import GaussianEvent
+    from privaudit.ledger.events import GaussianEvent
 
     out: list[dict[str, Any]] = []
     for ev in events:
@@ -247,7 +248,7 @@ def _gaussian_setting(events: Any) -> list[dict[str, Any]]:
 
 
 def _parse_steps(steps: str) -> int:
-    from privaudit.config import MAX_STEPS
+    from privaudit.accounting.limits import MAX_STEPS
 
     try:
         value = float(steps)
@@ -261,7 +262,7 @@ def _parse_steps(steps: str) -> int:
 
 
 def _delta_floor(value: float) -> None:
-    from privaudit.config import MIN_DELTA
+    from privaudit.accounting.limits import MIN_DELTA
 
     if value < MIN_DELTA:
         fail_input(f"--delta: at least {MIN_DELTA:g}, got {value:g}")
@@ -288,8 +289,8 @@ def _noise_range(value: float) -> None:
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: str, accountant: str,
               neighbouring: str, as_json: bool) -> None:
     """The smallest noise multiplier whose ε does not exceed the target."""
-    from privaudit.audit.accountants.calibrate import calibrate_noise
-    from privaudit.config import MAX_TARGET_EPSILON
+    from privaudit.accounting.calibrate import calibrate_noise
+    from privaudit.accounting.limits import MAX_TARGET_EPSILON
 
     _positive_float("--target-epsilon", target_epsilon)
     if target_epsilon > MAX_TARGET_EPSILON:
@@ -323,7 +324,7 @@ def ledger() -> None:
 def _read_ledger(path: Path, public_key: Path | None = None, allow_incomplete: bool = False) -> Any:
     """The ledger through the one reading function: unreadable (or above a bound) exit 2, tampered or
     (unless allowed) unsealed exit 1 naming the first bad line."""
-    from privaudit.audit.ledger import Ledger, LedgerCorruptError, LedgerUnreadableError
+    from privaudit.ledger.ledger import Ledger, LedgerCorruptError, LedgerUnreadableError
 
     try:
         led = Ledger.read(path, public_key=public_key)
@@ -351,7 +352,7 @@ _INCOMPLETE_OPTION = click.option("--allow-incomplete", is_flag=True,
 @_INCOMPLETE_OPTION
 def ledger_verify(path: Path, as_json: bool, public_key: Path | None, allow_incomplete: bool) -> None:
     """Check the hash chain and seal: exit 0 intact, 1 tampered or incomplete (unsealed), 2 unreadable."""
-    from privaudit.audit.ledger import verify_ledger
+    from privaudit.ledger.ledger import verify_ledger
 
     res = verify_ledger(path, public_key=public_key)
     if as_json:
@@ -397,7 +398,7 @@ def ledger_show(path: Path, as_json: bool, public_key: Path | None, allow_incomp
 def keygen(key_path: Path) -> None:
     """Write an Ed25519 key pair for signing ledger seals: KEY (private, mode 0600; pass it to
     `train --signing-key`) and KEY.pub (public; give it to reviewers for `--public-key`)."""
-    from privaudit.audit.seal import generate_keypair
+    from privaudit.ledger.seal import generate_keypair
 
     priv, pub = generate_keypair(key_path)
     click.echo(f"private key {priv} (keep it secret); public key {pub}")
@@ -409,7 +410,7 @@ def keygen(key_path: Path) -> None:
 @click.option("--once", is_flag=True, help="Exit after the first data owner's session.")
 def he_worker(port: int, once: bool) -> None:
     """Serve HE-LoRA encrypted products on loopback (127.0.0.1 only); never holds a secret key."""
-    from privaudit.mechanisms.he_worker import serve
+    from privaudit.mechanisms.he_lora.worker import serve
 
     serve(port, once=once)
 
@@ -434,7 +435,7 @@ def he_worker(port: int, once: bool) -> None:
 def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: bool,
           signing_key: Path | None, nproc: int) -> None:
     """Train a config and write the run directory (manifest, ledger, adapter, audit key)."""
-    from privaudit.audit.ledger import LedgerLockedError
+    from privaudit.ledger.ledger import LedgerLockedError
     from privaudit.config import load_config
     from privaudit.runs import train as train_run
 
@@ -528,7 +529,7 @@ def audit(run_dir: Path | None, attacks: str | None, reference_models: int, conf
     safetensors and audit_key.json, the auditor's record of which records and canaries were members).
     Verdicts: consistent, inconclusive (the audit could not test the accounted ε), violation, no guarantee."""
     from privaudit.audit.auditor import audit_run, bound_name
-    from privaudit.audit.ledger import LedgerCorruptError
+    from privaudit.ledger.ledger import LedgerCorruptError
 
     if external["model"] is not None or external["adapter"] is not None:
         from privaudit.audit.external import audit_from_cli

@@ -20,9 +20,21 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from privaudit.audit.events import ClaimEvent, Event, Neighbouring, format_validation_error
+from privaudit.accounting.limits import MAX_STEPS, MAX_TARGET_EPSILON, MIN_DELTA
+from privaudit.ledger.events import (
+    ClaimEvent,
+    Neighbouring,
+    format_validation_error,
+)
 from privaudit.models import LoraSettings
 from privaudit.safe_read import read_bounded, reject_bool_numbers
 
@@ -30,12 +42,9 @@ Task = Literal["classification", "causal_lm"]
 
 # Documented limits: a config (or a manifest's config) beyond them is refused before any data is
 # generated or any model is built, so hostile values cannot make a run hang or exhaust memory.
-MAX_STEPS = 10**9  #: training steps (also the limit of ``privaudit epsilon/calibrate --steps``)
 MAX_SEED = 2**32 - 1  #: seeds are in [0, MAX_SEED]
 MAX_RECORDS = 200_000  #: synthetic records (n_people × records_per_person; ≈ 1 min to generate)
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-4, 1e6  #: σ > 0 lies in this range
-MAX_TARGET_EPSILON = 1000.0  #: largest target ε to calibrate to
-MIN_DELTA = 1e-100  #: smallest δ (below it the accountants' floating point breaks down)
 MAX_BATCH = 10**7  #: batch sizes (records)
 MAX_CONFIG_BYTES = 1 << 20  #: a config file
 
@@ -211,7 +220,6 @@ class RunConfig(_Section):
     @field_validator("mechanism")
     @classmethod
     def _known_mechanism(cls, v: str) -> str:
-        from privaudit.mechanisms import mechanism_names
 
         if v not in mechanism_names():
             raise ValueError(f"unknown mechanism {v!r} (choose from {', '.join(mechanism_names())})")
@@ -431,7 +439,7 @@ def resolve_plan(cfg: RunConfig, dataset_size: int) -> PrivacyPlan:
     if pv.target_epsilon is not None:
         if steps == 0:
             raise ValueError("training.steps: must be > 0 to calibrate the noise to a target epsilon")
-        from privaudit.audit.accountants.calibrate import calibrate_noise
+        from privaudit.accounting.calibrate import calibrate_noise
 
         if t.sampling == "poisson":
             res = calibrate_noise(pv.target_epsilon, pv.delta, q, steps, accountant=pv.accountant,
@@ -452,31 +460,22 @@ def resolve_plan(cfg: RunConfig, dataset_size: int) -> PrivacyPlan:
                        pv.neighbouring, calibrated, acc)
 
 
-@dataclass(frozen=True)
-class PlannedEvents:
-    """The events a finished run of a config will have in its ledger (same ε by construction)."""
-
-    events: list[Event]
-    neighbouring: Neighbouring
-    delta: float
-    claims: list[ClaimEvent]
-    plan: PrivacyPlan | None = None
-
-
 def claims_of(cfg: RunConfig) -> list[ClaimEvent]:
     return [ClaimEvent(**c.model_dump()) for c in cfg.privacy.claims]
 
 
-def planned_events(cfg: RunConfig) -> PlannedEvents:
-    """Load the config's data (for N), resolve σ/q/steps, and list the events the run will append."""
-    from privaudit.mechanisms import get_mechanism
-    from privaudit.mechanisms.training import prepare_data
+MECHANISM_MODULES: dict[str, str] = {
+    "dp_lora": "privaudit.mechanisms.dp_lora",
+    "dp_fedlora": "privaudit.mechanisms.dp_fedlora.mechanism",
+    "lora_sketch": "privaudit.mechanisms.lora_sketch.mechanism",
+    "privtune": "privaudit.mechanisms.privtune.mechanism",
+    "he_lora": "privaudit.mechanisms.he_lora.mechanism",
+    "pae_mobillm": "privaudit.mechanisms.pae_mobillm.mechanism",
+}
 
-    data = prepare_data(cfg)
-    mech = get_mechanism(cfg.mechanism)
-    plan_fn = getattr(mech, "resolve_plan", None)  # a mechanism may resolve its own plan (dp_fedlora)
-    plan = plan_fn(cfg, data.train) if plan_fn is not None else resolve_plan(cfg, len(data.train))
-    events = mech.planned_events(cfg, plan)
-    claims = claims_of(cfg) + [e for e in events if isinstance(e, ClaimEvent)]  # claims a mechanism records
-    return PlannedEvents([e for e in events if not isinstance(e, ClaimEvent)], cfg.privacy.neighbouring,
-                         cfg.privacy.delta, claims, plan)
+def register_mechanism(name: str, module: str) -> None:
+    """Make the mechanism implemented by module path ``module`` available as ``name``."""
+    MECHANISM_MODULES[name] = module
+
+def mechanism_names() -> list[str]:
+    return sorted(MECHANISM_MODULES)

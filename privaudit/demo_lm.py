@@ -104,7 +104,8 @@ def lm_attacks(run_dir: Path, log: Callable[[str], None] | None = None) -> dict[
 
     from privaudit.attacks.llm_scores import llm_scores
     from privaudit.attacks.metrics import membership_metrics
-    from privaudit.audit.auditor import _initial_model, _population, _regenerate_data
+    from privaudit.attacks.released_model import _initial_model
+    from privaudit.audit.auditor import _population, _regenerate_data
     from privaudit.runs import load_run
 
     say = log or (lambda msg: None)

@@ -22,7 +22,6 @@ under-count (fail-closed). The manifest lists each resume with the ledger's coun
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 from dataclasses import dataclass
@@ -30,12 +29,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from privaudit.audit.events import GaussianEvent, PlaintextEvent
-from privaudit.audit.ledger import Ledger, LedgerCorruptError
-from privaudit.config import RunConfig, claims_of, config_to_dict, parse_config, resolve_plan
-from privaudit.durable import write_atomic
-from privaudit.safe_read import check_run_file, read_json_file, walk_run_dir
+from privaudit.accounting.summary import epsilon_section
+from privaudit.config import (
+    PrivacyPlan,
+    RunConfig,
+    claims_of,
+    config_to_dict,
+    parse_config,
+    resolve_plan,
+)
+from privaudit.ledger.durable import write_atomic
+from privaudit.ledger.events import (
+    ClaimEvent,
+    Event,
+    GaussianEvent,
+    Neighbouring,
+    PlaintextEvent,
+)
+from privaudit.ledger.ledger import Ledger, LedgerCorruptError
 from privaudit.mechanisms.distributed import init_world, world_from_env
+from privaudit.safe_read import (
+    check_run_file,
+    read_json_file,
+    walk_run_dir,
+)
 
 MANIFEST = "manifest.json"
 LEDGER = "ledger.jsonl"
@@ -45,7 +62,6 @@ AUDIT_KEY = "audit_key.json"
 CHECKPOINT_DIR = "checkpoint"
 RUN_LOCK = ".train.lock"  # held by the one process writing the run directory; removed when it is done
 REFUSED_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth")
-ACCOUNTANTS = ("rdp", "pld", "prv")
 
 
 @dataclass(frozen=True)
@@ -109,7 +125,7 @@ def _lock_run_dir(rd: Path) -> int:
     :class:`LedgerLockedError` if another process holds it."""
     import fcntl
 
-    from privaudit.audit.ledger import LedgerLockedError
+    from privaudit.ledger.ledger import LedgerLockedError
 
     path = rd / RUN_LOCK
     for _ in range(5):
@@ -171,31 +187,6 @@ def ledger_releases(ledger: Ledger) -> int:
     return sum(e.count for e in ledger.events if isinstance(e, (GaussianEvent, PlaintextEvent)))
 
 
-def epsilon_section(ledger: Ledger, delta: float) -> dict[str, Any]:
-    """ε(δ) of the ledger by every accountant (None = no formal guarantee), with the reason if none."""
-    from privaudit.audit.accountants.base import compute_epsilon
-
-    eps: dict[str, float | None] = {}
-    reason = None
-    unavailable: dict[str, str] = {}
-    for name in ACCOUNTANTS:
-        try:
-            res = compute_epsilon(ledger, delta, name)
-        except (ValueError, OverflowError) as exc:  # an accountant that cannot answer (PRV mesh, PLD overflow at huge ε)
-            eps[name] = None
-            unavailable[name] = str(exc)
-            continue
-        eps[name] = float(res.epsilon) if math.isfinite(res.epsilon) else None
-        reason = reason or res.reason
-    out: dict[str, Any] = {"epsilon": eps}
-    if unavailable:
-        out["unavailable"] = unavailable
-    if reason:
-        out["guarantee"] = "none"
-        out["reason"] = reason
-    return out
-
-
 def noise_header(cfg: RunConfig) -> dict[str, Any]:
     """The ledger header's record of where the noise came from (see ``privaudit.mechanisms.rng``)."""
     from privaudit.mechanisms.rng import describe_noise_source
@@ -234,7 +225,13 @@ class _RichProgress:
 
     def __init__(self, description: str) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeRemainingColumn(), console=Console(stderr=True), transient=False)
@@ -265,7 +262,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
     and ``resume`` continues it; a sealed ledger is never reopened (``LedgerSealedError``).
 
     The directory's lock (``RUN_LOCK``) is taken before anything is written: a second process
-    training into the same directory is refused (:class:`~privaudit.audit.ledger.LedgerLockedError`)
+    training into the same directory is refused (:class:`~privaudit.ledger.ledger.LedgerLockedError`)
     without touching it. Lock files are removed when the call returns. A new run that fails before
     its ledger records any event leaves no files behind (a re-run starts afresh); one that fails
     later is left for ``resume=True``.
@@ -302,9 +299,9 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
 def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
                   progress: bool | Callable[[int, int, dict[str, Any]], None], signing_key: Any = None) -> RunResult:
     """:func:`train` once the run directory's lock is held."""
-    from privaudit.audit.seal import load_signing_key
     from safetensors.torch import save_file
 
+    from privaudit.ledger.seal import load_signing_key
     from privaudit.mechanisms import get_mechanism
     from privaudit.mechanisms.training import Checkpointer, prepare_data
     from privaudit.models import trainable_state_dict
@@ -591,3 +588,28 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     init_path = rd / ADAPTER_INIT
     theta_0 = load_file(str(init_path)) if init_path.exists() else None
     return LoadedRun(rd, manifest, cfg, ledger, model, tok, audit_key, theta_0)
+
+
+@dataclass(frozen=True)
+class PlannedEvents:
+    """The events a finished run of a config will have in its ledger (same ε by construction)."""
+
+    events: list[Event]
+    neighbouring: Neighbouring
+    delta: float
+    claims: list[ClaimEvent]
+    plan: PrivacyPlan | None = None
+
+def planned_events(cfg: RunConfig) -> PlannedEvents:
+    """Load the config's data (for N), resolve σ/q/steps, and list the events the run will append."""
+    from privaudit.mechanisms import get_mechanism
+    from privaudit.mechanisms.training import prepare_data
+
+    data = prepare_data(cfg)
+    mech = get_mechanism(cfg.mechanism)
+    plan_fn = getattr(mech, "resolve_plan", None)  # a mechanism may resolve its own plan (dp_fedlora)
+    plan = plan_fn(cfg, data.train) if plan_fn is not None else resolve_plan(cfg, len(data.train))
+    events = mech.planned_events(cfg, plan)
+    claims = claims_of(cfg) + [e for e in events if isinstance(e, ClaimEvent)]  # claims a mechanism records
+    return PlannedEvents([e for e in events if not isinstance(e, ClaimEvent)], cfg.privacy.neighbouring,
+                         cfg.privacy.delta, claims, plan)

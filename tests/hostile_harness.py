@@ -128,7 +128,7 @@ def crafted_run(root: Path, config: dict[str, Any] | None = None, status: str = 
     a header-only ledger and an empty adapter. Nothing here is trained."""
     from safetensors.torch import save_file
 
-    from privaudit.audit.ledger import Ledger
+    from privaudit.ledger.ledger import Ledger
     from privaudit.config import config_to_dict, parse_config
 
     rd = root / "run"

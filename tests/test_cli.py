@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from privaudit.audit.events import ClaimEvent, GaussianEvent
-from privaudit.audit.ledger import Ledger
+from privaudit.ledger.events import ClaimEvent, GaussianEvent
+from privaudit.ledger.ledger import Ledger
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -141,7 +141,7 @@ def test_ledger_verify_and_show(tmp_path: Path) -> None:
 
 
 def test_epsilon_with_plaintext_ledger_says_no_guarantee(tmp_path: Path) -> None:
-    from privaudit.audit.events import PlaintextEvent
+    from privaudit.ledger.events import PlaintextEvent
 
     path = tmp_path / "l.jsonl"
     with Ledger.create(path, target_delta=1e-5) as led:

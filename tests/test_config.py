@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from privaudit.audit.events import GaussianEvent, PlaintextEvent
-from privaudit.config import load_config, parse_config, planned_events, resolve_plan
+from privaudit.ledger.events import GaussianEvent, PlaintextEvent
+from privaudit.config import load_config, parse_config, resolve_plan
+from privaudit.runs import planned_events
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -149,7 +150,7 @@ def test_plan_fixed_batch_and_calibration() -> None:
 
     cfg = parse_config(_with("privacy", {"target_epsilon": 4.0, "delta": 1e-5, "accountant": "rdp"}))
     plan = resolve_plan(cfg, 80)
-    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.accounting.base import compute_epsilon
 
     ev = GaussianEvent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, count=plan.steps)
     eps = compute_epsilon([ev], 1e-5, "rdp").epsilon

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from safetensors.torch import save_file
 
-from privaudit.audit.ledger import LedgerLockedError
+from privaudit.ledger.ledger import LedgerLockedError
 from privaudit.config import load_config, parse_config
 from privaudit.models import load_base_model, minilm_path
 from privaudit.runs import RUN_LOCK, _lock_run_dir, _unlock_run_dir, load_run, train

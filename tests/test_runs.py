@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from privaudit.audit.ledger import Ledger, verify_ledger
+from privaudit.ledger.ledger import Ledger, verify_ledger
 from privaudit.config import parse_config
 from privaudit.runs import load_run, train
 

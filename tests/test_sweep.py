@@ -156,7 +156,7 @@ def test_run_sweep_keeps_settings_in_summary(tmp_path: Path) -> None:
 def test_lora_sketch_study_file_runs_as_a_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`privaudit study` (lora_sketch.run_study_file) on the sweep-format example runs that sweep."""
     import privaudit.sweep as sw
-    from privaudit.mechanisms import lora_sketch as ls
+    from privaudit.studies import lora_sketch_rank as rank_study
 
     seen: dict[str, Any] = {}
 
@@ -166,5 +166,5 @@ def test_lora_sketch_study_file_runs_as_a_sweep(tmp_path: Path, monkeypatch: pyt
         return sw.SweepResult(Path(out_dir), (), None, ())
 
     monkeypatch.setattr(sw, "run_sweep", fake_run_sweep)
-    res = ls.run_study_file(EXAMPLES / "lora_sketch_study.yaml", tmp_path / "st", progress=lambda m: None)
+    res = rank_study.run_study_file(EXAMPLES / "lora_sketch_study.yaml", tmp_path / "st", progress=lambda m: None)
     assert seen["mechanism"] == "lora_sketch" and len(seen["names"]) == 10 and res.rows == ()

@@ -16,10 +16,11 @@ statements live in :mod:`privaudit.audit.bounds`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy import stats
 from sklearn.metrics import roc_curve as _sk_roc_curve
 
 __all__ = [
@@ -176,7 +177,6 @@ def accuracy_against_baseline(correct: int, n: int, baseline: float, confidence:
     end is above the baseline)."""
     from scipy import stats
 
-    from privaudit.audit.bounds import clopper_pearson
 
     lo, hi = clopper_pearson(correct, n, alpha=1 - confidence)
     p_value = float(stats.binom.sf(correct - 1, n, baseline)) if 0 < baseline < 1 else (
@@ -190,3 +190,38 @@ def accuracy_against_baseline(correct: int, n: int, baseline: float, confidence:
         "p_value": p_value,
         "beats_baseline": bool(lo > baseline),
     }
+
+
+Alternative = Literal["two-sided", "lower", "upper"]
+
+def _check_count(x: Any, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or int(x) < 0:
+        raise ValueError(f"{name}: must be a non-negative integer, got {x!r}")
+    return int(x)
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05, alternative: Alternative = "two-sided") -> tuple[float, float]:
+    """Exact (Clopper–Pearson) confidence interval for a binomial proportion, ``k`` successes of ``n``.
+
+    ``alternative``:
+      * ``"two-sided"``: ``(lower, upper)`` with α/2 in each tail (coverage ≥ 1 − α);
+      * ``"lower"``: one-sided ``(lower, 1)`` with α in the lower tail (P[p < lower] ≤ α);
+      * ``"upper"``: one-sided ``(0, upper)`` with α in the upper tail.
+    """
+    k = _check_count(k, "k")
+    n = _check_count(n, "n")
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    if k > n:
+        raise ValueError(f"k: must be <= n ({n}), got {k}")
+    if not (isinstance(alpha, (int, float)) and 0.0 < float(alpha) < 1.0):
+        raise ValueError(f"alpha: must be in (0, 1), got {alpha!r}")
+    if alternative not in ("two-sided", "lower", "upper"):
+        raise ValueError(f"alternative: must be 'two-sided', 'lower' or 'upper', got {alternative!r}")
+    tail = alpha / 2.0 if alternative == "two-sided" else float(alpha)
+    lower = 0.0 if k == 0 else float(stats.beta.ppf(tail, k, n - k + 1))
+    upper = 1.0 if k == n else float(stats.beta.isf(tail, k + 1, n - k))
+    if alternative == "lower":
+        upper = 1.0
+    elif alternative == "upper":
+        lower = 0.0
+    return lower, upper

@@ -59,11 +59,10 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
-from privaudit.attacks.metrics import as_score_array
+from privaudit.attacks.metrics import _check_count, as_score_array
 
 __all__ = [
     "EpsilonLowerBound",
-    "clopper_pearson",
     "epsilon_lower_bound_from_counts",
     "epsilon_lower_bound_from_scores",
     "one_run_p_value",
@@ -89,8 +88,6 @@ GAUSSIAN_TRADEOFF = "gaussian_tradeoff"
 """``assumption`` of an ε converted from a GDP μ: valid if the mechanism's trade-off curve is Gaussian."""
 ONE_RUN_BOUNDS: tuple[str, ...] = ("one_run", "one_run_fdp")
 """The one-run bounds :func:`one_run_bounds_best` can try: Steinke et al. 2023 and the f-DP bound."""
-
-Alternative = Literal["two-sided", "lower", "upper"]
 
 
 @dataclass(frozen=True)
@@ -161,42 +158,8 @@ def _check_delta(delta: float) -> float:
     return float(delta)
 
 
-def _check_count(x: Any, name: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or int(x) < 0:
-        raise ValueError(f"{name}: must be a non-negative integer, got {x!r}")
-    return int(x)
-
-
 # --------------------------------------------------------------------------------------------------
 # Clopper-Pearson
-
-
-def clopper_pearson(k: int, n: int, alpha: float = 0.05, alternative: Alternative = "two-sided") -> tuple[float, float]:
-    """Exact (Clopper–Pearson) confidence interval for a binomial proportion, ``k`` successes of ``n``.
-
-    ``alternative``:
-      * ``"two-sided"``: ``(lower, upper)`` with α/2 in each tail (coverage ≥ 1 − α);
-      * ``"lower"``: one-sided ``(lower, 1)`` with α in the lower tail (P[p < lower] ≤ α);
-      * ``"upper"``: one-sided ``(0, upper)`` with α in the upper tail.
-    """
-    k = _check_count(k, "k")
-    n = _check_count(n, "n")
-    if n < 1:
-        raise ValueError(f"n: must be >= 1, got {n}")
-    if k > n:
-        raise ValueError(f"k: must be <= n ({n}), got {k}")
-    if not (isinstance(alpha, (int, float)) and 0.0 < float(alpha) < 1.0):
-        raise ValueError(f"alpha: must be in (0, 1), got {alpha!r}")
-    if alternative not in ("two-sided", "lower", "upper"):
-        raise ValueError(f"alternative: must be 'two-sided', 'lower' or 'upper', got {alternative!r}")
-    tail = alpha / 2.0 if alternative == "two-sided" else float(alpha)
-    lower = 0.0 if k == 0 else float(stats.beta.ppf(tail, k, n - k + 1))
-    upper = 1.0 if k == n else float(stats.beta.isf(tail, k + 1, n - k))
-    if alternative == "lower":
-        upper = 1.0
-    elif alternative == "upper":
-        lower = 0.0
-    return lower, upper
 
 
 def _cp_lower(k: NDArray[np.float64], n: NDArray[np.float64], tail: float) -> NDArray[np.float64]:

@@ -49,15 +49,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from privaudit.audit.auditor import (
-    AUDIT_FILE,
-    AttackScores,
-    AuditResult,
-    _accounted,
-    _derived_seed,
-    _verdict,
-    score_attacks,
-)
+from privaudit.audit.auditor import AUDIT_FILE, AuditResult, _accounted, _verdict, score_attacks
+from privaudit.attacks.interface import AttackScores
+from privaudit.attacks.released_model import _derived_seed
 
 __all__ = [
     "MANIFEST_FILE",
@@ -739,7 +733,7 @@ def audit_model(
     ledger_obj = None
     ledger_path: Path | None = None
     if ledger is not None:
-        from privaudit.audit.ledger import Ledger, LedgerCorruptError
+        from privaudit.ledger.ledger import Ledger, LedgerCorruptError
 
         ledger_path = Path(ledger)
         if not ledger_path.is_file():

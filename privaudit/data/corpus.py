@@ -39,7 +39,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
-from privaudit.audit.ledger import canonical_json
+from privaudit.canonical import canonical_json
 
 KINDS: tuple[str, ...] = ("clinical_note", "email", "support_ticket", "product_review", "bio")
 LABEL_NAMES: tuple[str, ...] = ("negative", "positive")

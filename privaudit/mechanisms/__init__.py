@@ -1,4 +1,7 @@
-"""Private fine-tuning mechanisms, one module per method, found by name.
+"""Private fine-tuning mechanisms, found by name: ``dp_lora`` (with the shared DP-SGD machinery in
+``training``, ``per_sample``, ``sampling``; ``split_model`` for split learning) and one package per
+other method (``dp_fedlora``, ``lora_sketch``, ``privtune``, ``pae_mobillm``, ``he_lora``) whose
+``mechanism`` module is what the registry loads.
 
 A mechanism module exposes:
 
@@ -19,8 +22,8 @@ Optional hooks (read with ``getattr``; :mod:`privaudit.runs` and the auditor use
 * ``RESUMABLE = False``: ``train(..., resume=True)`` is refused with a ``ValueError``;
 * ``AUDIT_RELEASED_MODEL = True``: the auditor also runs the released-model attacks (membership,
   canaries) when the ledger's observer is not the released model;
-* view attacks: a mechanism whose observer is not the released model registers its attacks at
-  import time with :func:`privaudit.audit.auditor.register_view_attack`, keyed by its ``NAME``.
+* view attacks: the attacks on the view of an observer other than the released model live in
+  :mod:`privaudit.attacks.views` (one module per mechanism, found by its ``NAME``).
 
 Modules are imported lazily (``import privaudit.mechanisms`` stays light). Register another with
 :func:`register_mechanism`.
@@ -31,30 +34,14 @@ from __future__ import annotations
 from importlib import import_module
 from types import ModuleType
 
-_MECHANISMS: dict[str, str] = {
-    "dp_lora": "privaudit.mechanisms.dp_lora",
-    "dp_fedlora": "privaudit.mechanisms.dp_fedlora",
-    "lora_sketch": "privaudit.mechanisms.lora_sketch",
-    "privtune": "privaudit.mechanisms.privtune",
-    "he_lora": "privaudit.mechanisms.he_lora",
-    "pae_mobillm": "privaudit.mechanisms.pae_mobillm",
-}
-
-
-def register_mechanism(name: str, module: str) -> None:
-    """Make the mechanism implemented by module path ``module`` available as ``name``."""
-    _MECHANISMS[name] = module
-
-
-def mechanism_names() -> list[str]:
-    return sorted(_MECHANISMS)
+from privaudit.config import MECHANISM_MODULES, mechanism_names, register_mechanism
 
 
 def get_mechanism(name: str) -> ModuleType:
     """The module implementing mechanism ``name``; ``ValueError`` naming it if unknown."""
-    if name not in _MECHANISMS:
+    if name not in MECHANISM_MODULES:
         raise ValueError(f"mechanism: unknown {name!r} (choose from {', '.join(mechanism_names())})")
-    return import_module(_MECHANISMS[name])
+    return import_module(MECHANISM_MODULES[name])
 
 
 __all__ = ["get_mechanism", "mechanism_names", "register_mechanism"]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from privaudit.audit.events import Event, GaussianEvent, PlaintextEvent
+from privaudit.ledger.events import Event, GaussianEvent, PlaintextEvent
 from privaudit.config import PrivacyPlan, RunConfig
 from privaudit.data import Record
 from privaudit.mechanisms.distributed import (

@@ -40,7 +40,7 @@ from torch import nn
 
 from privaudit.config import PrivacyPlan, RunConfig, resolve_plan
 from privaudit.data import Corpus, Record, dataset_fingerprint, generate_corpus, load_records_with_labels
-from privaudit.durable import fsync_dir, fsync_file
+from privaudit.ledger.durable import fsync_dir, fsync_file
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
 

@@ -476,7 +476,7 @@ COMPARISON_FIGURES: dict[str, Any] = {
 
 # --------------------------------------------------------------------------------------- studies
 def attack_success_vs_utility_drop(rows: Sequence[dict[str, Any]]) -> Figure:
-    """PrivTune study (:func:`privaudit.mechanisms.privtune.run_study` rows): each attack's success
+    """PrivTune study (:func:`privaudit.studies.privtune.run_study` rows): each attack's success
     against the utility drop, one series per noise mode (markers) and attack (line style). Left:
     inversion token recovery; right: attribute-inference accuracy with the majority baseline (dotted).
     Rows without a utility drop (no ``none`` point in the grid) are left out and counted in a note."""

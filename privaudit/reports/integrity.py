@@ -60,10 +60,10 @@ def _manifest(run_dir: Path) -> Mapping[str, Any]:
 
 
 def ledger_integrity(run_dir: str | Path, public_key: Any = None) -> IntegrityStatus:
-    """Read ``run_dir/ledger.jsonl`` with :func:`privaudit.audit.ledger.read_ledger` (hash chain, seal,
+    """Read ``run_dir/ledger.jsonl`` with :func:`privaudit.ledger.ledger.read_ledger` (hash chain, seal,
     the manifest's head hash and seal, and ``public_key``'s signature when given) and decide whether
     the report may state its guarantee (see the module docstring)."""
-    from privaudit.audit.ledger import read_ledger
+    from privaudit.ledger.ledger import read_ledger
 
     p = Path(run_dir)
     manifest = _manifest(p)

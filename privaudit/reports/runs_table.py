@@ -285,7 +285,7 @@ def _try_epsilon(events: Sequence[Any], delta: float, neighbouring: str, name: s
                  ) -> tuple[Any | None, str | None]:
     """EpsilonResult of one accountant, or (None, why it is not available)."""
     try:
-        from privaudit.audit.accountants.base import compute_epsilon
+        from privaudit.accounting.base import compute_epsilon
 
         return compute_epsilon(list(events), delta, accountant=name, neighbouring=neighbouring), None  # type: ignore[arg-type]
     except ImportError as exc:
@@ -303,7 +303,7 @@ def prefix_events(events: Sequence[Any], steps: int) -> list[Any]:
     Gaussian lines counts from the earlier line's last step); a Gaussian line straddling the cut is
     truncated and nothing after it is kept.
     """
-    from privaudit.audit.events import GaussianEvent
+    from privaudit.ledger.events import GaussianEvent
 
     out: list[Any] = []
     seen = 0
@@ -331,7 +331,7 @@ def epsilon_over_steps(events: Sequence[Any], delta: float, neighbouring: str, *
     that the curve ends at the headline ε). Returns ([(k, ε)], accountant) or ([], None) when there is no Gaussian event or no
     accountant.
     """
-    from privaudit.audit.events import GaussianEvent
+    from privaudit.ledger.events import GaussianEvent
 
     total = sum(ev.count for ev in events if isinstance(ev, GaussianEvent))
     if total == 0 or points < 1:
@@ -399,12 +399,12 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
                     public_key: Any = None) -> RunRecord:
     """Read one run directory. ``ValueError`` if it does not exist or has no manifest.json.
 
-    The ledger is read by :func:`privaudit.audit.ledger.read_ledger` against the manifest (head hash
+    The ledger is read by :func:`privaudit.ledger.ledger.read_ledger` against the manifest (head hash
     and seal) and ``public_key`` when given; its events are used only if it verifies (``intact``):
     ``ledger_status`` says ``incomplete``/``tampered``/``unreadable`` otherwise, with the reason. The
     report states a guarantee only when :func:`~privaudit.reports.integrity.ledger_integrity` says so."""
-    from privaudit.audit.events import EncryptedEvent
-    from privaudit.audit.ledger import read_ledger
+    from privaudit.ledger.events import EncryptedEvent
+    from privaudit.ledger.ledger import read_ledger
 
     p = Path(run_dir)
     if not p.is_dir():
@@ -475,7 +475,7 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
         warnings.append("no releases recorded: the sealed ledger accounts for no release (ε = 0 by every "
                         "reader)")
     if header is not None:
-        from privaudit.audit.accountants.base import segments_from_events
+        from privaudit.accounting.base import segments_from_events
 
         try:  # structural: plaintext releases, noise-free sketching (needs no accountant)
             no_guarantee = segments_from_events(events, header.neighbouring).no_guarantee
@@ -564,7 +564,7 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
     # -- claims --------------------------------------------------------------------------------
     raw_claims: list[Claim] = []
     if header is not None:
-        from privaudit.audit.events import ClaimEvent
+        from privaudit.ledger.events import ClaimEvent
 
         for c in list(header.claims) + [e for e in events if isinstance(e, ClaimEvent)]:
             raw_claims.append(Claim(c.epsilon, c.delta, c.source, c.scope))

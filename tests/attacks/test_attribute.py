@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from privaudit.attacks.attribute import attribute_attacks, pool_representations
-from privaudit.mechanisms.dchi import sample_dchi
+from privaudit.mechanisms.privtune.dchi import sample_dchi
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

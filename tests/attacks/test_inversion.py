@@ -18,7 +18,7 @@ from privaudit.attacks.inversion import (
     optimisation_inversion,
     pii_token_spans,
 )
-from privaudit.mechanisms.dchi import sample_dchi
+from privaudit.mechanisms.privtune.dchi import sample_dchi
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from privaudit.attacks.label_inference import infer_labels, label_inference_attack
-from privaudit.mechanisms.pae_side import prediction_difference
+from privaudit.mechanisms.pae_mobillm.side_network import prediction_difference
 
 
 def _deltas(n: int, k: int, sigma: float, seed: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 
 from privaudit.audit import auditor
-from privaudit.audit.auditor import AttackScores, AuditContext, audit_run, register_view_attack
-from privaudit.audit.events import ClaimEvent
-from privaudit.audit.ledger import Ledger
+from privaudit.attacks import released_model as released_model
+from privaudit.attacks import views as views
+from privaudit.attacks.interface import AttackScores, AuditContext
+from privaudit.audit.auditor import audit_run
+from privaudit.attacks.views import register_view_attack
+from privaudit.ledger.events import ClaimEvent
+from privaudit.ledger.ledger import Ledger
 from privaudit.config import parse_config
 from privaudit.mechanisms import dp_lora
 from privaudit.runs import train
@@ -273,7 +277,7 @@ def server_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_observer_without_a_registered_attack_is_reported(server_run: Path, monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
-    monkeypatch.setattr(auditor, "_VIEW_ATTACKS", {})
+    monkeypatch.setattr(views, "_VIEW_ATTACKS", {})
     res = audit_run(server_run)
     assert res.observer == "server" and res.attacks == ()
     assert any("no attack is registered for the observer 'server'" in n for n in res.settings["notes"])
@@ -285,7 +289,7 @@ def test_observer_without_a_registered_attack_is_reported(server_run: Path, monk
 
 def test_registered_view_attack_feeds_the_bound_and_verdict(server_run: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(auditor, "_VIEW_ATTACKS", {})
+    monkeypatch.setattr(views, "_VIEW_ATTACKS", {})
     seen: list[AuditContext] = []
 
     def perfect_view_attack(ctx: AuditContext) -> list[AttackScores]:
@@ -425,9 +429,9 @@ def test_exposure_nll_without_the_shared_prefix_keeps_every_rank() -> None:
     torch.manual_seed(0)
     model, tok = build_model(cfg, 2, torch.device("cpu"))
     texts = [f"Note from James: my PIN is {i:04d}." for i in range(0, 9999, 97)]
-    assert auditor._shared_prefix_tokens(model, tok, texts, cfg.model.max_length) >= 5
-    full = auditor._sequence_nll(model, tok, texts, cfg, torch.device("cpu"))
-    fast = auditor._sequence_nll(model, tok, texts, cfg, torch.device("cpu"), drop_shared_prefix=True)
+    assert released_model._shared_prefix_tokens(model, tok, texts, cfg.model.max_length) >= 5
+    full = released_model._sequence_nll(model, tok, texts, cfg, torch.device("cpu"))
+    fast = released_model._sequence_nll(model, tok, texts, cfg, torch.device("cpu"), drop_shared_prefix=True)
     shift = full - fast
     assert shift.min() > 0 and shift.max() - shift.min() < 1e-3  # the same constant for every text
     assert list(np.argsort(full, kind="stable")) == list(np.argsort(fast, kind="stable"))
@@ -454,7 +458,7 @@ def test_a_violation_needs_an_assumption_free_bound() -> None:
 def test_gradient_canaries_give_no_bound_where_the_ledger_may_not_cover_them(tmp_path: Path) -> None:
     """A replace ledger with several passes of fixed-size batches: a canary (an added unit) is not
     covered by it, so the canary attack gives metrics only; one pass, or add/remove, keeps the bound."""
-    from privaudit.audit.events import GaussianEvent
+    from privaudit.ledger.events import GaussianEvent
 
     def ledger(name: str, rel: str, steps: int) -> Ledger:
         with Ledger.create(tmp_path / f"{name}.jsonl", neighbouring=rel) as led:
@@ -462,6 +466,6 @@ def test_gradient_canaries_give_no_bound_where_the_ledger_may_not_cover_them(tmp
                                      clip_norm=1.0, sensitivity=2.0, count=steps))
         return Ledger.read(tmp_path / f"{name}.jsonl")
 
-    assert auditor._canary_outside_ledger(ledger("a", "replace", 11))
-    assert not auditor._canary_outside_ledger(ledger("b", "replace", 10))
-    assert not auditor._canary_outside_ledger(ledger("c", "add_remove", 10))
+    assert released_model._canary_outside_ledger(ledger("a", "replace", 11))
+    assert not released_model._canary_outside_ledger(ledger("b", "replace", 10))
+    assert not released_model._canary_outside_ledger(ledger("c", "add_remove", 10))

@@ -9,21 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privaudit.audit.bounds import (
-    EpsilonLowerBound,
-    clopper_pearson,
-    default_one_run_grid,
-    epsilon_lower_bound_from_counts,
-    epsilon_lower_bound_from_scores,
-    epsilon_lower_bound_gdp,
-    gdp_delta,
-    gdp_epsilon,
-    gdp_mu_lower_bound,
-    one_run_audit_best,
-    one_run_audit_from_scores,
-    one_run_epsilon_lower_bound,
-    one_run_p_value,
-)
+from privaudit.audit.bounds import EpsilonLowerBound, default_one_run_grid, epsilon_lower_bound_from_counts, epsilon_lower_bound_from_scores, epsilon_lower_bound_gdp, gdp_delta, gdp_epsilon, gdp_mu_lower_bound, one_run_audit_best, one_run_audit_from_scores, one_run_epsilon_lower_bound, one_run_p_value
+from privaudit.attacks.metrics import clopper_pearson
 
 # ------------------------------------------------------------------------------------------------
 # Clopper-Pearson

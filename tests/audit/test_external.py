@@ -285,7 +285,7 @@ def test_sequence_classifier_audit(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_ledger_is_checked_and_copied_for_the_report(small: dict[str, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from privaudit.audit.opacus_ledger import ledger_from_opacus_history
+    from privaudit.ledger.opacus import ledger_from_opacus_history
     from privaudit.reports.runs_table import load_run_record
 
     lp = tmp_path / "ledger.jsonl"

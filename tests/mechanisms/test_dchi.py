@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from privaudit.audit.events import DchiEvent, GaussianEvent, PlaintextEvent
-from privaudit.mechanisms.dchi import (
+from privaudit.ledger.events import DchiEvent, GaussianEvent, PlaintextEvent
+from privaudit.mechanisms.privtune.dchi import (
     NoiseSettings,
     TokenNoiser,
     absolute_eta,

@@ -215,7 +215,7 @@ def test_mechanisms_other_than_dp_lora_are_refused_across_processes(tmp_path: Pa
 def test_killing_one_rank_then_resuming_counts_every_release(tmp_path: Path) -> None:
     import psutil
 
-    from privaudit.audit.ledger import Ledger, verify_ledger
+    from privaudit.ledger.ledger import Ledger, verify_ledger
 
     steps, every = 80, 5
     data = copy.deepcopy(TINY)

@@ -13,20 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-from privaudit.audit.events import ClaimEvent, GaussianEvent
-from privaudit.audit.ledger import Ledger, verify_ledger
-from privaudit.config import load_config, parse_config, planned_events
-from privaudit.mechanisms import get_mechanism, mechanism_names
-from privaudit.mechanisms.dp_fedlora import accounting_summary, fit, resolve_plan
-from privaudit.mechanisms.federated.aggregation import aggregate
-from privaudit.mechanisms.federated.client import joint_clip_and_noise, paper_release
-from privaudit.mechanisms.federated.partition import (
+from privaudit.ledger.events import ClaimEvent, GaussianEvent
+from privaudit.ledger.ledger import Ledger, verify_ledger
+from privaudit.config import load_config, parse_config
+from privaudit.runs import planned_events
+from privaudit.mechanisms import get_mechanism
+from privaudit.config import mechanism_names
+from privaudit.mechanisms.dp_fedlora.mechanism import accounting_summary, fit, resolve_plan
+from privaudit.mechanisms.dp_fedlora.aggregation import aggregate
+from privaudit.mechanisms.dp_fedlora.client import joint_clip_and_noise, paper_release
+from privaudit.mechanisms.dp_fedlora.partition import (
     client_schedule,
     dirichlet_partition,
     iid_partition,
     new_participation_levels,
 )
-from privaudit.mechanisms.federated.plan import paper_noise_multiplier
+from privaudit.mechanisms.dp_fedlora.plan import paper_noise_multiplier
 from privaudit.mechanisms.training import prepare_data
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -203,7 +205,7 @@ def test_secret_client_sample_is_charged_what_the_server_sees(tmp_path: Path) ->
     """Issue 14, item 3: 4 clients, 2 per round (Poisson, secret schedule), 12 rounds, z = 1. The old
     ledger (one subsampled release per round at rate 1/2) said ε = 11.50 while the most-participating
     client's 7 releases, seen one by one by the server, give 14.19."""
-    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.accounting.base import compute_epsilon
 
     cfg = tiny(options={"client_sampling": "poisson", "client_sample_secret": True, "rounds": 12},
                training={"steps": 1}, data={"max_heldout": 2})
@@ -217,7 +219,7 @@ def test_secret_client_sample_is_charged_what_the_server_sees(tmp_path: Path) ->
     for acc in ("rdp", "pld"):
         ledger_eps = compute_epsilon(got, 1e-5, acc).epsilon
         assert ledger_eps >= compute_epsilon(one_by_one, 1e-5, acc).epsilon - 1e-9
-    from privaudit.mechanisms.dp_fedlora import ledger_header_extra
+    from privaudit.mechanisms.dp_fedlora.mechanism import ledger_header_extra
 
     fed = ledger_header_extra(cfg)["federated"]  # the header states the observer's view of the sample
     assert fed["amplification_by_client_sampling"] is False and fed["observer_sees_sample"] is True
@@ -228,7 +230,7 @@ def test_secret_client_sample_is_charged_what_the_server_sees(tmp_path: Path) ->
 
 
 def test_calibrated_client_dp_meets_the_target() -> None:
-    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.accounting.base import compute_epsilon
 
     cfg = tiny(privacy={"noise_multiplier": None, "target_epsilon": 4.0, "accountant": "rdp"})
     plan = resolve_plan(cfg, prepare_data(cfg).train)

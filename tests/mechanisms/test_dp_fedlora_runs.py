@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from privaudit.audit.auditor import audit_run
-from privaudit.audit.ledger import Ledger, verify_ledger
+from privaudit.ledger.ledger import Ledger, verify_ledger
 from privaudit.config import parse_config
-from privaudit.mechanisms.dp_fedlora import fit
+from privaudit.mechanisms.dp_fedlora.mechanism import fit
 from privaudit.mechanisms.training import prepare_data
 from privaudit.runs import train
 

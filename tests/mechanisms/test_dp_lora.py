@@ -13,10 +13,12 @@ import pytest
 import torch
 import yaml
 
-from privaudit.audit.events import GaussianEvent, PlaintextEvent
-from privaudit.audit.ledger import Ledger, verify_ledger
-from privaudit.config import parse_config, planned_events, resolve_plan
-from privaudit.mechanisms import get_mechanism, mechanism_names
+from privaudit.ledger.events import GaussianEvent, PlaintextEvent
+from privaudit.ledger.ledger import Ledger, verify_ledger
+from privaudit.config import parse_config, resolve_plan
+from privaudit.runs import planned_events
+from privaudit.mechanisms import get_mechanism
+from privaudit.config import mechanism_names
 from privaudit.mechanisms.dp_lora import DPLoraTrainer, apply_noisy_update, fit
 from privaudit.mechanisms.training import (
     CANARY_STEPS_FILE,
@@ -136,7 +138,7 @@ def test_virtual_batches_give_the_same_clipped_sum() -> None:
 
 
 def test_non_private_baseline_records_no_guarantee(tmp_path: Path) -> None:
-    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.accounting.base import compute_epsilon
 
     cfg = tiny(privacy={"noise_multiplier": 0.0})
     data = prepare_data(cfg)
@@ -239,7 +241,7 @@ def test_every_step_scores_separate_included_canaries() -> None:
 def _train_and_check_epsilon(cfg_dict: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     from click.testing import CliRunner
 
-    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.accounting.base import compute_epsilon
     from privaudit.cli import cli
     from privaudit.config import load_config
     from privaudit.runs import train
@@ -324,7 +326,7 @@ def _exact_fixed_batch_epsilon(n: int, b: int, sigma: float, delta: float) -> fl
 
 def test_fixed_batch_step_is_charged_twice_the_clip_norm() -> None:
     """N = B = 100, σ = 1, one step: sensitivity C gave ε(1e-5) = 4.377; the exact pair's ε is ≈ 9.98."""
-    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.accounting.base import compute_epsilon
     from privaudit.config import PrivacyPlan
     from privaudit.mechanisms.dp_lora import step_event
 
@@ -352,7 +354,7 @@ def test_fixed_batch_step_is_charged_twice_the_clip_norm() -> None:
 
 
 def test_fixed_batch_calibration_uses_twice_the_clip_norm() -> None:
-    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.accounting.base import compute_epsilon
     from privaudit.mechanisms.dp_lora import step_event
 
     for rel in ("add_remove", "replace"):
@@ -373,7 +375,7 @@ def test_fixed_batch_calibration_uses_twice_the_clip_norm() -> None:
 def test_canaries_are_units_of_the_records_sampler_and_clipped_as_records(sampling: str) -> None:
     """A canary is sampled by the records' sampler and clipped by the records' rule, so its privacy
     loss is that of one more record, ε_canary = the ledger's per-record ε."""
-    from privaudit.audit.accountants.base import compute_epsilon
+    from privaudit.accounting.base import compute_epsilon
     from privaudit.mechanisms import per_sample
     from privaudit.mechanisms.dp_lora import step_event
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from privaudit.mechanisms.he_backend import (
+from privaudit.mechanisms.he_lora.backend import (
     SimulateBackend,
     accumulator_bits,
     check_accumulator,

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from privaudit.audit.events import EncryptedEvent, GaussianEvent, PlaintextEvent
-from privaudit.audit.ledger import Ledger, verify_ledger
+from privaudit.ledger.events import EncryptedEvent, GaussianEvent, PlaintextEvent
+from privaudit.ledger.ledger import Ledger, verify_ledger
 from privaudit.config import parse_config, resolve_plan
-from privaudit.mechanisms import register_mechanism
-from privaudit.mechanisms.he_backend import ClientSession, get_backend, glwe_available, quantize_channels, quantize_rows
-from privaudit.mechanisms.he_lora import (
+from privaudit.config import register_mechanism
+from privaudit.mechanisms.he_lora.backend import ClientSession, get_backend, glwe_available, quantize_channels, quantize_rows
+from privaudit.mechanisms.he_lora.mechanism import (
     RELEASED_WITHOUT_NOISE,
     HEEngine,
     HESettings,
@@ -32,7 +32,7 @@ from privaudit.mechanisms.he_lora import (
     remote_candidates,
     uninstall,
 )
-from privaudit.mechanisms.he_worker import (
+from privaudit.mechanisms.he_lora.worker import (
     OWNER_TO_WORKER,
     InProcessTransport,
     Message,
@@ -45,7 +45,7 @@ from privaudit.mechanisms.he_worker import (
 )
 from privaudit.models import LoraSettings, apply_lora, load_base_model
 
-register_mechanism("he_lora", "privaudit.mechanisms.he_lora")
+register_mechanism("he_lora", "privaudit.mechanisms.he_lora.mechanism")
 needs_glwe = pytest.mark.skipif(not glwe_available(), reason="concrete-ml-extensions not installed")
 GLWE_NOISE = 256  # bound on the decryption noise in accumulator units (tens measured)
 REPO = Path(__file__).resolve().parents[2]
@@ -408,7 +408,7 @@ def test_execute_path_plans_bytes_and_writes_events_first(tmp_path: Path, privat
     """The execute code path (dry-run planning, write-ahead step events, byte checks) with the
     unencrypted backend standing in for GLWE: it must be recorded as plaintext, and the predicted
     bytes must equal the counted ones (no correction)."""
-    from privaudit.mechanisms.he_backend import SimulateBackend
+    from privaudit.mechanisms.he_lora.backend import SimulateBackend
 
     cfg = _cfg("execute", steps=3, private=private, max_length=8)
     data = _data(cfg)
@@ -499,7 +499,7 @@ def test_encrypted_training_through_a_worker_process(tmp_path: Path) -> None:
     assert he["byte_corrections"] == 0 and he["mode"] == "execute"
     assert he["setup_bytes_to_worker"] > 10_000_000  # the evaluation key, once
     # the saved transcript is exactly what was sent, and only allowed message types
-    from privaudit.mechanisms.he_worker import read_frames
+    from privaudit.mechanisms.he_lora.worker import read_frames
 
     with open(tmp_path / "sent.bin", "rb") as fh:
         sent = read_frames(fh)

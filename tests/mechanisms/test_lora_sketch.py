@@ -13,14 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privaudit.audit.accountants.base import compute_epsilon
+from privaudit.accounting.base import compute_epsilon
 from privaudit.audit.auditor import audit_run
-from privaudit.audit.events import ClaimEvent, GaussianEvent, SketchEvent
-from privaudit.audit.ledger import Ledger, verify_ledger
-from privaudit.config import parse_config, planned_events
-from privaudit.mechanisms import get_mechanism, mechanism_names
-from privaudit.mechanisms import lora_sketch as ls
-from privaudit.mechanisms.sketch_stats import lora_layers
+from privaudit.ledger.events import ClaimEvent, GaussianEvent, SketchEvent
+from privaudit.ledger.ledger import Ledger, verify_ledger
+from privaudit.config import parse_config
+from privaudit.runs import planned_events
+from privaudit.mechanisms import get_mechanism
+from privaudit.config import mechanism_names
+from privaudit.mechanisms.lora_sketch import mechanism as ls
+from privaudit.studies import lora_sketch_rank as rank_study
+from privaudit.mechanisms.lora_sketch.sketch_stats import lora_layers
 from privaudit.mechanisms.training import build_model, prepare_data
 from privaudit.runs import load_run, train
 
@@ -370,7 +373,7 @@ def test_bad_study_file(tmp_path: Path) -> None:
     p.write_text("base: {training: {steps: 1, batch_size: 2}, privacy: {noise_multiplier: 0}, "
                  "lora: {freeze_a: true}}\nstudy: {rankz: [1]}\n")
     with pytest.raises(ValueError, match=r"^study\.rankz"):
-        ls.load_study(p)
+        rank_study.load_study(p)
 
 
 @pytest.mark.slow
@@ -379,9 +382,9 @@ def test_rank_study_table(tmp_path: Path) -> None:
                            privacy={"noise_multiplier": 0.0, "noise_seed": 2},
                            options={"sketch_canaries": 100, "sketch_stats_records": 8,
                                     "sketch_stats_draws": 20}).model_dump_json())
-    spec = ls.StudySpec(noise=[ls.PrivacyLevel(noise_multiplier=2.0)], noise_ranks=[2],
+    spec = rank_study.StudySpec(noise=[rank_study.PrivacyLevel(noise_multiplier=2.0)], noise_ranks=[2],
                         attacks=["loss", ls.ATTACK])
-    res = ls.run_rank_study(base, [2, 8], tmp_path / "study", spec=spec, report=False)
+    res = rank_study.run_rank_study(base, [2, 8], tmp_path / "study", spec=spec, report=False)
     names = [r["name"] for r in res.rows]
     assert names == ["r2-public", "r2-secret", "r8-public", "r8-secret", "r2-public-sigma2"]
     for r in res.rows:
@@ -390,5 +393,5 @@ def test_rank_study_table(tmp_path: Path) -> None:
         assert r["verdict"] in ({"no guarantee"} if r["noise_multiplier"] == 0 else {"consistent", "inconclusive"})
         assert (r["accounted_epsilon"] == math.inf) == (r["noise_multiplier"] == 0)
     assert "AUC sketch_canaries_one_run" in res.table and (tmp_path / "study" / "rank_study.png").exists()
-    again = ls.run_rank_study(base, [2, 8], tmp_path / "study", spec=spec, report=False)  # resumes: no retraining
+    again = rank_study.run_rank_study(base, [2, 8], tmp_path / "study", spec=spec, report=False)  # resumes: no retraining
     assert again.rows == res.rows

@@ -11,14 +11,16 @@ from typing import Any
 import pytest
 import torch
 
-from privaudit.audit.events import GaussianEvent, PlaintextEvent
-from privaudit.audit.ledger import Ledger, verify_ledger
+from privaudit.ledger.events import GaussianEvent, PlaintextEvent
+from privaudit.ledger.ledger import Ledger, verify_ledger
 from privaudit.config import parse_config, resolve_plan
-from privaudit.mechanisms import get_mechanism, mechanism_names
-from privaudit.mechanisms import pae_mobillm as pm
-from privaudit.mechanisms.pae_side import SideNetwork
+from privaudit.mechanisms import get_mechanism
+from privaudit.config import mechanism_names
+from privaudit.mechanisms.pae_mobillm import mechanism as pm
+from privaudit.attacks.views import pae_mobillm as pae_view
+from privaudit.mechanisms.pae_mobillm.side_network import SideNetwork
 from privaudit.mechanisms.training import prepare_data
-from privaudit.mechanisms.transport import decode_rows, deserialise, encode_rows, serialise
+from privaudit.mechanisms.pae_mobillm.transport import decode_rows, deserialise, encode_rows, serialise
 
 
 pytestmark = pytest.mark.usefixtures("two_threads")
@@ -235,7 +237,7 @@ def test_first_token_pivot_is_inverted_from_the_server_view_and_noise_stops_it()
     special-token pivots skip)."""
     from types import SimpleNamespace
 
-    from privaudit.mechanisms.pae_side import SideNetwork, SideTunedModel
+    from privaudit.mechanisms.pae_mobillm.side_network import SideNetwork, SideTunedModel
 
     base = make_cfg(model=TINY_MODEL, options={"pivot": "first"})
     data = prepare_data(base)
@@ -256,7 +258,7 @@ def test_first_token_pivot_is_inverted_from_the_server_view_and_noise_stops_it()
         model = SideTunedModel(backbone, SideNetwork(3, 32, 2), "first", s.release_spec(), 1)
         ctx = SimpleNamespace(run=SimpleNamespace(config=cfg, model=model, tokenizer=tok), data=data, seed=0,
                               log=lambda _msg: None)
-        scores[sigma] = {a.name: dict(a.metrics) for a in pm.audit_server_view(ctx) if a.kind == "inversion"}
+        scores[sigma] = {a.name: dict(a.metrics) for a in pae_view.audit_server_view(ctx) if a.kind == "inversion"}
     clean, noisy = scores[0.0], scores[3.0]
     for name in ("inversion_nn", "inversion_learned"):
         m = clean[name]

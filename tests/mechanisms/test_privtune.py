@@ -6,17 +6,20 @@ import pytest
 import torch
 
 from privaudit.attacks.inversion import AuxData, attack_representations
-from privaudit.audit.events import DchiEvent, PlaintextEvent
-from privaudit.audit.ledger import Ledger
+from privaudit.ledger.events import DchiEvent, PlaintextEvent
+from privaudit.ledger.ledger import Ledger
 from privaudit.config import parse_config
 from privaudit.data import generate_corpus
-from privaudit.mechanisms import register_mechanism
-from privaudit.mechanisms.dchi import build_geometry, scale_floor
+from privaudit.config import register_mechanism
+from privaudit.mechanisms.privtune.dchi import build_geometry, scale_floor
 from privaudit.mechanisms.training import encode
 
-register_mechanism("privtune", "privaudit.mechanisms.privtune")
+register_mechanism("privtune", "privaudit.mechanisms.privtune.mechanism")
 
-from privaudit.mechanisms import privtune as pt  # noqa: E402
+from privaudit.mechanisms.privtune import mechanism as pt  # noqa: E402
+from privaudit.attacks.views import privtune as privtune_view
+from privaudit.mechanisms import split_model as split_model
+from privaudit.studies import privtune as privtune_study
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -35,12 +38,12 @@ def _cfg(model: str = "tiny-llama", task: str = "classification", steps: int = 3
     })
 
 
-def _small_geometry(split: pt.SplitModel, settings: pt.PrivTuneSettings, records=CORPUS.records):
+def _small_geometry(split: split_model.SplitModel, settings: pt.PrivTuneSettings, records=CORPUS.records):
     """The vocabulary restricted to the corpus' tokens (the full 30k vocabulary is slow on CPU)."""
     tok = split.tokenizer
     ids = sorted({i for r in records for i in tok(r.text)["input_ids"]} - set(tok.all_special_ids))
     ids_t = torch.tensor(ids)
-    reps = pt.vocabulary_representations(split, ids_t)
+    reps = split_model.vocabulary_representations(split, ids_t)
     return build_geometry(ids_t, reps, split.model.get_input_embeddings().weight.shape[0], knn_k=settings.knn_k,
                           hops=settings.hops)
 
@@ -147,7 +150,7 @@ def test_server_view_inversion_clean_versus_strong_noise() -> None:
     cfg = _cfg(split_layer=0, mode="none")
     split, settings = _split(cfg)
     geo = _small_geometry(split, settings)
-    bottom = pt.bottom_info(split, geo)
+    bottom = privtune_view.bottom_info(split, geo)
     victims, aux = TRAIN[:12], HELDOUT[:30]
     results = {}
     for mode, eta in (("none", 1.0), ("dchi", 0.01)):
@@ -195,8 +198,8 @@ def test_minilm_split_view_leaks_without_noise_and_not_with_strong_noise() -> No
     out = {}
     for mode, eta in (("none", 1.0), ("dchi", 0.002)):
         c = cfg.model_copy(update={"options": {**cfg.options, "mode": mode, "eta": eta}})
-        inv = pt.attack_server_view(c, train[:60], aux, which=["inversion_nn"], split=split, geometry=geo)
-        att = pt.attack_server_view(c, train[:400], aux, which=["attribute_logreg"], split=split, geometry=geo)
+        inv = privtune_view.attack_server_view(c, train[:60], aux, which=["inversion_nn"], split=split, geometry=geo)
+        att = privtune_view.attack_server_view(c, train[:400], aux, which=["attribute_logreg"], split=split, geometry=geo)
         out[mode] = (inv[0]["metrics"], att[0]["metrics"])
     nn_clean, attr_clean = out["none"]
     assert nn_clean["token_recovery"] > 0.9 and nn_clean["pii_exact"] > 0.5
@@ -210,7 +213,7 @@ def test_minilm_split_view_leaks_without_noise_and_not_with_strong_noise() -> No
 def test_run_study_rows_and_summary(tmp_path) -> None:
     import json
 
-    rows = pt.run_study({
+    rows = privtune_study.run_study({
         "base": {"model": {"name": "tiny-llama", "max_length": 24},
                  "data": {"synthetic": {"n_people": 40, "records_per_person": 2, "n_canaries": 0}},
                  "training": {"steps": 2, "batch_size": 6, "sampling": "fixed_batch"},
@@ -230,7 +233,7 @@ def test_run_study_rows_and_summary(tmp_path) -> None:
     assert rows[1]["metric_dp"]["guarantee"] == "metric_dp" and rows[2]["metric_dp"]["shifted_mean"]
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 3
     json.dumps(rows, allow_nan=False)
-    summary = pt.summarise_study(rows, max_utility_drop=1.0)
+    summary = privtune_study.summarise_study(rows, max_utility_drop=1.0)
     assert summary["modes"]["dchi"]["eta"] == 0.01 and "inversion_nn" in summary["modes"]["dchi"]["attacks"]
 
 
@@ -238,8 +241,8 @@ def test_example_study_config_is_valid() -> None:
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "examples" / "privtune_study.yaml"
-    study = pt.load_study(path)
+    study = privtune_study.load_study(path)
     cfg = parse_config({**study.base, "mechanism": "privtune"})
     assert pt.settings_of(cfg).split_layer == 2 and "privtune" in study.grid.mode
     with pytest.raises(ValueError, match=r"^grid\.mode"):
-        pt.load_study({"base": {}, "grid": {"mode": ["magic"]}})
+        privtune_study.load_study({"base": {}, "grid": {"mode": ["magic"]}})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from privaudit.config import parse_config
-from privaudit.mechanisms.sketch_stats import (
+from privaudit.mechanisms.lora_sketch.sketch_stats import (
     ata_scale,
     draw_a,
     entry_moments,

@@ -11,10 +11,10 @@ from typing import Any, Sequence
 
 import pytest
 
-from privaudit.audit.accountants import base
-from privaudit.audit.accountants.base import Accountant, EpsilonResult, Segment
-from privaudit.audit.events import ClaimEvent, GaussianEvent, PlaintextEvent, SketchEvent
-from privaudit.audit.ledger import Ledger
+from privaudit.accounting import base
+from privaudit.accounting.base import Accountant, EpsilonResult, Segment
+from privaudit.ledger.events import ClaimEvent, GaussianEvent, PlaintextEvent, SketchEvent
+from privaudit.ledger.ledger import Ledger
 
 DELTA = 1e-5
 VERSIONS = {"privaudit": "0.1.0", "torch": "2.13.0", "opacus": "1.6.0", "dp-accounting": "0.6.0",
@@ -38,7 +38,7 @@ def manifest_epsilons(events: Sequence[Any], fallback: dict[str, float | None], 
     """What the manifest records: the accountants' ε (if asked and installed), else the stand-ins."""
     out: dict[str, float | None] = dict(fallback)
     if use_accountants:
-        from privaudit.audit.accountants.base import compute_epsilon
+        from privaudit.accounting.base import compute_epsilon
 
         for name in fallback:
             eps = compute_epsilon(list(events), DELTA, accountant=name).epsilon
@@ -79,8 +79,8 @@ def remove_accountants(mp: pytest.MonkeyPatch) -> None:
     """Simulate a checkout where the accountant modules do not exist yet."""
 
     def missing() -> None:
-        raise ModuleNotFoundError("No module named 'privaudit.audit.accountants.rdp'",
-                                  name="privaudit.audit.accountants.rdp")
+        raise ModuleNotFoundError("No module named 'privaudit.accounting.rdp'",
+                                  name="privaudit.accounting.rdp")
 
     mp.setattr(base, "_load_builtin", missing)
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from privaudit.audit.events import GaussianEvent
-from privaudit.audit.ledger import Ledger
+from privaudit.ledger.events import GaussianEvent
 from privaudit.reports import build_report
 from privaudit.reports.integrity import ledger_integrity
 from privaudit.reports.runs_table import load_run_record
@@ -50,7 +49,8 @@ def test_edited_ledger_is_refused(runs: list[Path]) -> None:
 def test_ledger_extended_after_the_run_is_incomplete(runs: list[Path]) -> None:
     # a valid chain, but not the one the run recorded: a sealed ledger is never reopened, so the extension
     # is written by hand (an event line chained to the seal)
-    from privaudit.audit.ledger import canonical_json, line_hash
+    from privaudit.canonical import canonical_json
+    from privaudit.ledger.ledger import line_hash
 
     path = runs[2] / "ledger.jsonl"
     last = json.loads(path.read_text().splitlines()[-1])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from privaudit.audit.events import ClaimEvent, GaussianEvent, SketchEvent
+from privaudit.ledger.events import ClaimEvent, GaussianEvent, SketchEvent
 from privaudit.reports import figures as F
 from privaudit.reports.runs_table import RunRecord, load_runs
 from tests.reports.conftest import DELTA, _attack, install_fake_accountants, make_four_runs, make_run

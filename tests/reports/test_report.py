@@ -243,7 +243,7 @@ def test_visual_check_pages_figures_and_no_raw_dumps(report: ReportOutputs, tmp_
 @requires_poppler
 def test_dict_metrics_are_summarised_not_dumped(tmp_path: Path) -> None:
     from tests.reports.conftest import DELTA, make_run
-    from privaudit.audit.events import GaussianEvent
+    from privaudit.ledger.events import GaussianEvent
 
     exposures = {f"canary-{i:03d}": 1.234567891 * i for i in range(200)}
     audit = {"accounted": {"delta": DELTA, "epsilon": {}}, "claimed": [],

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from privaudit.audit.events import GaussianEvent, PlaintextEvent
-from privaudit.audit.ledger import Ledger
+from privaudit.ledger.events import GaussianEvent, PlaintextEvent
+from privaudit.ledger.ledger import Ledger
 from privaudit.reports.runs_table import (
     attack_rows,
     epsilon_over_steps,

@@ -1,0 +1,1 @@
+"""PAE MobiLLM: server-assisted side-tuning (mechanism, side network, transport)."""
