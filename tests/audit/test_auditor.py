@@ -66,9 +66,20 @@ def _copy(run_dir: Path, dst: Path) -> Path:
 
 
 def _add_claims(run_dir: Path, *claims: ClaimEvent) -> None:
-    with Ledger.open(run_dir / "ledger.jsonl", writable=True) as led:
+    """Play the trainer of a run that recorded claims: unseal, append them, seal again, and keep the
+    manifest's head hash and seal in step (a sealed ledger is never appended to)."""
+    path = run_dir / "ledger.jsonl"
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[-1])["kind"] == "seal"
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    with Ledger.open(path, writable=True) as led:
         for c in claims:
             led.append(c)
+        seal = led.seal()
+        head = led.head_hash
+    m = json.loads((run_dir / "manifest.json").read_text())
+    m["ledger_seal"], m["ledger_head_hash"] = seal, head
+    (run_dir / "manifest.json").write_text(json.dumps(m))
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -218,7 +229,10 @@ def test_every_step_white_box_audit_uses_the_recorded_steps(tmp_path: Path) -> N
     assert es.metrics["steps"] == 20 and es.metrics["m"] == 500
     assert set(es.by_bound) == {"one_run_steinke", "one_run_fdp"} and es.epsilon_lower is not None
     assert es.metrics["auc"] > 0.55  # the leak is seen
-    assert res.epsilon_lower["n_bounds"] == 4 and res.verdict == "consistent"
+    # 500 canaries at 1 − 0.05/4 per bound cannot certify the accounted 4 with the assumption-free bound:
+    # inconclusive by the power rule (consistent if the design could certify it)
+    assert res.epsilon_lower["n_bounds"] == 4 and res.verdict in ("consistent", "inconclusive")
+    assert res.verdict == "consistent" or "could certify at most" in res.verdict_reason
     assert 0 < res.epsilon_lower["value"] < res.accounted["compared"]["epsilon"]
     assert res.to_json()["epsilon_lower"]["bound"] in ("one_run_steinke", "one_run_fdp")
     (run / "canary_steps.safetensors").unlink()
