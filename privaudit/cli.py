@@ -537,6 +537,10 @@ def audit(run_dir: Path | None, attacks: str | None, reference_models: int, conf
         result = audit_from_cli(run_dir=run_dir, attacks=attacks, confidence=confidence, seed=seed,
                                 quiet=quiet or as_json, **external)
         run_dir = external["out_dir"]
+        from privaudit.mechanisms.distributed import world_from_env
+
+        if not world_from_env().is_main:  # torchrun: the scoring was sharded; rank 0 reports
+            return
     elif run_dir is None:
         fail_input("RUN_DIR: give a run directory, or --model/--adapter with --members, --non-members and -o")
     elif any(v not in (None, False, "text", 16) for v in external.values()):

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from privaudit.mechanisms.distributed import sharded_map, world_from_env
+
 if TYPE_CHECKING:
     import torch
 
@@ -144,27 +146,32 @@ def token_scores(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size
         raise ValueError(f"texts: {len(short)} record(s) have fewer than 2 tokens (first: index {short[0]})")
     device = _model_device(model)
     model.eval()
-    lp_out: list[NDArray[np.float64] | None] = [None] * len(texts)
-    mu_out: list[NDArray[np.float64] | None] = [None] * len(texts)
-    var_out: list[NDArray[np.float64] | None] = [None] * len(texts)
-    with torch.inference_mode():
-        for idx in _batches([len(x) for x in ids], batch_size):
-            inp, mask = _padded([ids[i] for i in idx], device)
-            valid = mask[:, 1:].bool()
-            flat = model(input_ids=inp, attention_mask=mask).logits[:, :-1][valid]  # (predicted tokens, V)
-            tgt = inp[:, 1:][valid]
-            tok, mu, var = _token_stats(flat, tgt, vocab_stats)
-            del flat
-            pos = 0
-            for i in idx:  # boolean indexing is row-major: each record's tokens are contiguous
-                n = len(ids[i]) - 1
-                lp_out[i] = tok[pos:pos + n]
-                if vocab_stats:
-                    mu_out[i], var_out[i] = mu[pos:pos + n], var[pos:pos + n]  # type: ignore[index]
-                pos += n
-    return TokenScores(tuple(lp_out),  # type: ignore[arg-type]
-                       tuple(mu_out) if vocab_stats else None,  # type: ignore[arg-type]
-                       tuple(var_out) if vocab_stats else None)  # type: ignore[arg-type]
+
+    def score(indices: Sequence[int]) -> list[tuple[Any, Any, Any]]:
+        """ℓ_t (μ_t, σ_t²) of the records ``indices``, in that order, batched by length."""
+        sub = [ids[int(i)] for i in indices]
+        out: list[tuple[Any, Any, Any]] = [(None, None, None)] * len(sub)
+        with torch.inference_mode():
+            for idx in _batches([len(x) for x in sub], batch_size):
+                inp, mask = _padded([sub[i] for i in idx], device)
+                valid = mask[:, 1:].bool()
+                flat = model(input_ids=inp, attention_mask=mask).logits[:, :-1][valid]  # (predicted tokens, V)
+                tgt = inp[:, 1:][valid]
+                tok, mu, var = _token_stats(flat, tgt, vocab_stats)
+                del flat
+                pos = 0
+                for i in idx:  # boolean indexing is row-major: each record's tokens are contiguous
+                    n = len(sub[i]) - 1
+                    out[i] = (tok[pos:pos + n], mu[pos:pos + n] if vocab_stats else None,  # type: ignore[index]
+                              var[pos:pos + n] if vocab_stats else None)  # type: ignore[index]
+                    pos += n
+        return out
+
+    # under torchrun the records are split across the ranks and gathered in order (one process: all here)
+    rows = sharded_map(world_from_env(), len(texts), score)
+    return TokenScores(tuple(r[0] for r in rows),
+                       tuple(r[1] for r in rows) if vocab_stats else None,
+                       tuple(r[2] for r in rows) if vocab_stats else None)
 
 
 def _token_stats(flat: torch.Tensor, tgt: torch.Tensor, vocab_stats: bool

@@ -890,7 +890,9 @@ def audit_model(
     result = AuditResult(run_id=run_id, observer="released model", accounted=accounted, claimed=tuple(claimed),
                          attacks=tuple(results), epsilon_lower=eps_lower, verdict=verdict,  # type: ignore[arg-type]
                          verdict_reason=reason, created=created, settings=public_settings)
-    if out_path is not None:
+    from privaudit.mechanisms.distributed import world_from_env
+
+    if out_path is not None and world_from_env().is_main:  # under torchrun only rank 0 writes
         manifest = {
             "format_version": 1, "kind": "external_audit", "status": "complete", "run_id": run_id,
             "name": f"audit of {lm.info.get('name')}" + (" + adapter" if lm.has_adapter else ""),

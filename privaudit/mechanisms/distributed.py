@@ -167,6 +167,7 @@ def sharded_map(world: World, n: int, compute: Any) -> list[Any]:
         return list(compute(idx))
     import torch.distributed as dist
 
+    init_world(world)  # no-op when the process group is up (a training run); joins it otherwise
     mine = share(world, idx)
     part = list(compute(mine))
     if len(part) != len(mine):

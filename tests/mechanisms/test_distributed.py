@@ -266,3 +266,50 @@ def test_killing_one_rank_then_resuming_counts_every_release(tmp_path: Path) -> 
     total = releases()
     assert resumed_from % every == 0 and resumed_from <= before
     assert total == steps + (before - resumed_from) >= steps  # releases >= applied updates
+
+
+_SCORE_SCRIPT = """
+import json, sys, torch
+from privaudit.config import parse_config
+from privaudit.mechanisms.distributed import World, init_world, close_world
+from privaudit.mechanisms.training import build_model
+from privaudit.attacks.llm_scores import llm_scores
+rank, size, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if size > 1:
+    init_world(World(rank, size, rank))
+cfg = parse_config({"task": "causal_lm", "model": {"name": "tiny-gpt2", "max_length": 32,
+                    "overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2}}, "lora": {"rank": 2, "alpha": 4},
+                    "training": {"steps": 1, "batch_size": 4}, "privacy": {"noise_multiplier": 1.0}})
+torch.manual_seed(0)
+model, tok = build_model(cfg, 2, torch.device("cpu"))
+texts = [f"Note {i}: the meeting with {'Ana Bea Cid'[i % 8:]} moved to room {i * 7}." for i in range(11)]
+res = llm_scores(model, tok, texts, batch_size=3, attacks=("loss", "min_k", "zlib", "min_k_pp"), max_length=32)
+open(f"{out}/scores{rank}.json", "w").write(json.dumps({k: v.tolist() for k, v in res.items()}))
+if size > 1:
+    close_world(World(rank, size, rank))
+"""
+
+
+@pytest.mark.slow
+def test_the_audit_scoring_pass_shards_across_processes_and_equals_one_process(tmp_path: Path) -> None:
+    """Under torch.distributed the causal-LM scoring pass splits the records across the ranks and
+    gathers the scores: every rank gets the one-process result."""
+    script = tmp_path / "score.py"
+    script.write_text(_SCORE_SCRIPT)
+    one = tmp_path / "one"
+    one.mkdir()
+    r = subprocess.run([sys.executable, str(script), "0", "1", str(one)], env=_env(), capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, str(script), str(k), "2", str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err.decode()[-2000:]
+    ref = json.loads((one / "scores0.json").read_text())
+    for k in range(2):
+        got = json.loads((tmp_path / f"scores{k}.json").read_text())
+        assert got.keys() == ref.keys()
+        for name in ref:
+            np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6)
