@@ -340,7 +340,9 @@ def test_noisy_run_is_consistent_with_its_dp_sgd_epsilon(tmp_path: Path) -> None
     eps = res.privacy["epsilon"]["pld"]
     assert eps is not None and eps <= 2.0 + 1e-6
     audit = audit_run(res.run_dir, attacks=["loss", ls.ATTACK], n_bootstrap=50)
-    assert audit.verdict == "consistent" and audit.epsilon_lower["value"] <= eps
+    # never a violation; consistent when the canary design could certify ε = 2, else inconclusive (power rule)
+    assert audit.verdict in ("consistent", "inconclusive") and audit.epsilon_lower["value"] <= eps
+    assert audit.verdict == "consistent" or "could certify at most" in audit.verdict_reason
     led = Ledger.read(res.run_dir / "ledger.jsonl")
     assert [type(e) for e in led.events] == [SketchEvent, GaussianEvent]
 
