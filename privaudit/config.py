@@ -311,6 +311,16 @@ def _unknown_key(err: Any, missing: list[Any]) -> str:
     return f"{'.'.join(loc)}: unknown key{hint}"
 
 
+def merge_config(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
+    """Merge the nested overrides ``src`` into the raw config dict ``dst`` in place (sections merge,
+    other values are replaced)."""
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            merge_config(dst[k], v)
+        else:
+            dst[k] = v
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) run config."""
     p = Path(path)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from privaudit.config import merge_config
 from privaudit.sweep import SweepResult, make_points, run_sweep
 
 #: Target ε of the private points (σ calibrated with PLD at δ = 1e-5), plus σ = 0 (non-private).
@@ -67,18 +68,10 @@ def demo_config(quick: bool = False, noise_seed: int | None = None) -> dict[str,
     sampling for a reproducible demo; None keeps OS entropy."""
     cfg = json.loads(json.dumps(DEMO_CONFIG))
     if quick:
-        _merge(cfg, QUICK_OVERRIDES)
+        merge_config(cfg, QUICK_OVERRIDES)
     if noise_seed is not None:
         cfg["privacy"]["noise_seed"] = int(noise_seed)
     return cfg
-
-
-def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
 
 
 def run_demo(out_dir: str | Path, *, quick: bool = False, quiet: bool = False, log=None,

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-
+from privaudit.config import merge_config
 from privaudit.sweep import SweepResult, make_points, run_sweep
 
 #: ε of the private point (σ calibrated with PLD at δ = 1e-5); the other point is σ = 0.
@@ -77,11 +77,9 @@ LM_EXPOSURE_CANDIDATES = {False: 100, True: 50}
 
 def lm_demo_config(quick: bool = False, noise_seed: int | None = None) -> dict[str, Any]:
     """The LM part's run config (``quick``: the CI version); ``noise_seed`` as in :func:`demo_config`."""
-    from privaudit.demo import _merge
-
     cfg = json.loads(json.dumps(LM_DEMO_CONFIG))
     if quick:
-        _merge(cfg, LM_QUICK_OVERRIDES)
+        merge_config(cfg, LM_QUICK_OVERRIDES)
     if noise_seed is not None:
         cfg["privacy"]["noise_seed"] = int(noise_seed)
     return cfg
@@ -204,13 +202,11 @@ def run_lm_demo(out_dir: str | Path, *, quick: bool = False, quiet: bool = False
                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the LM part into ``out_dir`` (resumable) and return the summary (also ``lm_summary.json``).
     ``overrides``: merged into the config (e.g. a smaller model for tests)."""
-    from privaudit.demo import _merge
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = lm_demo_config(quick, noise_seed)
     if overrides:
-        _merge(cfg, json.loads(json.dumps(overrides)))
+        merge_config(cfg, json.loads(json.dumps(overrides)))
     (out / "demo_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     points = make_points(noise_multipliers=[0.0], target_epsilons=[LM_TARGET_EPSILON])
     n_cand = LM_EXPOSURE_CANDIDATES[quick]
