@@ -151,9 +151,15 @@ _HF_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9
 def is_model_path(name: str) -> bool:
     """True for a name that is neither a bundled model nor an HF id (``org/name``): a folder."""
     key = name.strip()
-    if key.lower() in (TINY_GPT2, TINY_LLAMA) or key.lower() in _MINILM_ALIASES:
+    if _is_bundled(key):
         return False
     return not _HF_REPO_ID.fullmatch(key) or ".." in key
+
+
+def _is_bundled(key: str) -> bool:
+    """A bundled model's name or alias (MiniLM, SmolLM2-135M, the tiny test models)."""
+    k = key.lower()
+    return k in (TINY_GPT2, TINY_LLAMA) or k in _MINILM_ALIASES or k in _SMOLLM2_ALIASES
 
 
 def resolve_untrusted_model_name(name: object, field: str = "model.name") -> str:
@@ -165,7 +171,7 @@ def resolve_untrusted_model_name(name: object, field: str = "model.name") -> str
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{field}: expected a model name, got {name!r}")
     key = name.strip()
-    if key.lower() in (TINY_GPT2, TINY_LLAMA) or key.lower() in _MINILM_ALIASES:
+    if _is_bundled(key):
         return key
     if is_model_path(key):
         raise ValueError(f"{field}: {name!r} is not a bundled model or a Hugging Face id; a model path is "

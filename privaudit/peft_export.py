@@ -35,5 +35,9 @@ def write_peft_adapter(model: Any, out_dir: str | Path, *, base_model: str) -> b
         return False  # a trained head or other weights PEFT's adapter file does not hold
     for cfg in m.peft_config.values():
         cfg.base_model_name_or_path = base_model
-    m.save_pretrained(str(out_dir), safe_serialization=True)
+    import warnings
+
+    with warnings.catch_warnings():  # PEFT looks for the base's config under its name: a bundled name has none
+        warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+        m.save_pretrained(str(out_dir), safe_serialization=True)
     return True

@@ -389,3 +389,15 @@ def test_smollm2_loads_offline_and_speaks() -> None:
     with torch.no_grad():
         loss = float(model(**batch).loss)
     assert loss < 4.0  # a pretrained model, far below log(49152) = 10.8
+
+
+def test_bundled_names_are_not_paths_and_pass_the_manifest_check() -> None:
+    """A manifest (or a sweep) naming a bundled model, SmolLM2 included, is not a folder to refuse."""
+    from privaudit.models import is_model_path, resolve_untrusted_model_name
+
+    for name in ("smollm2-135m", "SmolLM2", "all-MiniLM-L6-v2", "tiny-gpt2"):
+        assert not is_model_path(name)
+        assert resolve_untrusted_model_name(name) == name
+    assert is_model_path("./smollm2-135m") and is_model_path("/models/x")
+    with pytest.raises(ValueError, match="^manifest.config.model.name"):
+        resolve_untrusted_model_name("/models/x", "manifest.config.model.name")
