@@ -64,13 +64,15 @@ QUICK_OVERRIDES: dict[str, Any] = {
 
 
 def demo_config(quick: bool = False, noise_seed: int | None = None) -> dict[str, Any]:
-    """The demo's run config (``quick``: the CI version). ``noise_seed`` seeds the DP noise and
-    sampling for a reproducible demo; None keeps OS entropy."""
+    """The demo's run config (``quick``: the CI version). ``noise_seed`` seeds the DP noise, the
+    sampling and the gradient canaries (which ride in the same batches) for a reproducible demo; None
+    keeps OS entropy for all three."""
     cfg = json.loads(json.dumps(DEMO_CONFIG))
     if quick:
         merge_config(cfg, QUICK_OVERRIDES)
     if noise_seed is not None:
         cfg["privacy"]["noise_seed"] = int(noise_seed)
+        cfg["audit"]["gradient_canary_seed"] = int(noise_seed)
     return cfg
 
 

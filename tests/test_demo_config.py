@@ -18,6 +18,9 @@ def test_default_demo_draws_noise_from_os_entropy_and_seed_is_explicit() -> None
     assert parse_config(demo.demo_config()).privacy.noise_seed is None
     seeded = parse_config(demo.demo_config(quick=True, noise_seed=7))
     assert seeded.privacy.noise_seed == 7
+    # the canaries ride in the same batches: a seeded demo seeds them too (else it is not reproducible)
+    assert seeded.audit.gradient_canary_seed == 7
+    assert parse_config(demo.demo_config()).audit.gradient_canary_seed is None
     assert demo.DEMO_CONFIG["privacy"].get("noise_seed") is None  # the template is not mutated
 
 
