@@ -249,7 +249,7 @@ def _attach_adapter(model: Any, adapter_dir: Path, weights: Path, base_name: str
         raise ValueError(f"adapter: {weights} is not valid safetensors ({type(exc).__name__})") from None
     mismatch = f"adapter: {adapter_dir} does not fit the base model {base_name!r}"
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False, local_files_only=True)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise ValueError(f"{mismatch} ({' '.join(str(exc).split())[:160]})") from None
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
