@@ -141,6 +141,9 @@ class TrainingSection(_Section):
     learning_rate: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning rate over the run's steps: constant, linear decay to 0, or cosine "
+        "decay to 0 (dp_lora and lora_sketch; data-independent, so it costs no privacy)")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (train only)")
     eval_batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     eval_before: bool = Field(False, description="also measure held-out utility before training")
@@ -230,11 +233,16 @@ class RunConfig(_Section):
         if self.options and self.mechanism in _NO_OPTIONS:  # other mechanisms validate their own
             raise ValueError(f"options: unknown option {next(iter(self.options))!r} ({self.mechanism} "
                              "takes no options)")
+        if self.training.lr_schedule != "constant" and self.mechanism not in _LR_SCHEDULED:
+            raise ValueError(f"lr_schedule: {self.training.lr_schedule!r} is supported by "
+                             f"{', '.join(sorted(_LR_SCHEDULED))} only ({self.mechanism} trains at a constant rate)")
         return self
 
 
 #: Mechanisms without an ``options`` block (any key there is a mistake).
 _NO_OPTIONS = frozenset({"dp_lora"})
+#: Mechanisms whose DP-SGD loop follows ``training.lr_schedule`` (the DPLoraTrainer loop).
+_LR_SCHEDULED = frozenset({"dp_lora", "lora_sketch"})
 
 
 # ----------------------------------------------------------------------------------------------

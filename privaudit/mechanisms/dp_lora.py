@@ -58,6 +58,8 @@ from privaudit.mechanisms.training import (
     fit_setup,
     loop_rng_state,
     make_optimizer,
+    scheduled_learning_rate,
+    set_learning_rate,
     per_sample_losses,
     require_mechanism,
     restore_loop_state,
@@ -289,6 +291,9 @@ class DPLoraTrainer:
         if self.ledger is not None and w.is_main:
             self.ledger.append(self.event)  # write-ahead: durable before the update is applied
         std = self.plan.noise_multiplier * self.plan.clip_norm * self.noise_factor
+        t = self.cfg.training
+        set_learning_rate(self.optimizer, scheduled_learning_rate(t.learning_rate, t.lr_schedule, self.step_count,
+                                                                  self.plan.steps))
         noisy_sum(w, [total[n] for n, _ in self.params], std, self.noise_gen)
         apply_noisy_update(self.params, total, 0.0, self.denominator, self.noise_gen, self.optimizer)
         if self.canary_recorder is not None:  # `total` now holds the released noisy sum / denominator

@@ -168,6 +168,27 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[Record], cfg: R
             "n_tokens": float(tokens)}
 
 
+def scheduled_learning_rate(base: float, schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate of update ``step`` (0-based) of ``total_steps``: ``constant`` (``base``),
+    ``linear`` (``base·(1 − step/total)``) or ``cosine`` (``base·(1 + cos(π·step/total))/2``), both
+    decaying towards 0 at the last update. A function of the step count only (data-independent), so
+    it is post-processing and costs no privacy."""
+    if schedule == "constant" or total_steps <= 0:
+        return float(base)
+    frac = min(max(step / total_steps, 0.0), 1.0)
+    if schedule == "linear":
+        return float(base) * (1.0 - frac)
+    if schedule == "cosine":
+        return float(base) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"lr_schedule: unknown schedule {schedule!r}")
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group of ``optimizer`` at learning rate ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def make_optimizer(params: Sequence[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
     t = cfg.training
     if t.optimizer == "sgd":

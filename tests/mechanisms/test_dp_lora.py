@@ -460,3 +460,32 @@ def test_resume_rebuilds_the_sampler_over_the_checkpoints_canaries() -> None:
     assert np.array_equal(a.sampler.next_batch(), b.sampler.next_batch())
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_schedule_is_followed_step_by_step(schedule: str) -> None:
+    from privaudit.mechanisms.training import scheduled_learning_rate
+
+    cfg = tiny(training={"lr_schedule": schedule})
+    data = prepare_data(cfg)
+    plan = resolve_plan(cfg, len(data.train))
+    model, tok = build_model(cfg, 2, torch.device("cpu"))
+    trainer = DPLoraTrainer(cfg, data.train, plan, model, tok, torch.device("cpu"))
+    seen = []
+    for _ in range(plan.steps):
+        trainer.step()
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+    lr, T = cfg.training.learning_rate, plan.steps
+    expected = {"constant": [lr] * T,
+                "linear": [lr * (1 - k / T) for k in range(T)],
+                "cosine": [lr * 0.5 * (1 + math.cos(math.pi * k / T)) for k in range(T)]}[schedule]
+    assert seen == pytest.approx(expected)
+    assert scheduled_learning_rate(lr, schedule, T, T) == pytest.approx(lr if schedule == "constant" else 0.0)
+    trainer.close()
+
+
+def test_a_schedule_is_refused_where_the_mechanism_trains_at_a_constant_rate() -> None:
+    with pytest.raises(ValueError, match="lr_schedule"):
+        parse_config({**TINY, "mechanism": "privtune", "training": {**TINY["training"], "lr_schedule": "linear"}})
+    with pytest.raises(ValueError, match="lr_schedule"):
+        tiny(training={"lr_schedule": "step"})
