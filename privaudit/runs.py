@@ -27,10 +27,13 @@ import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from pydantic import ValidationError
 
 from privaudit.accounting.summary import epsilon_section
 from privaudit.config import (
+    DataSection,
     PrivacyPlan,
     RunConfig,
     claims_of,
@@ -53,6 +56,9 @@ from privaudit.safe_read import (
     read_json_file,
     walk_run_dir,
 )
+
+if TYPE_CHECKING:
+    from privaudit.mechanisms.training import DataBundle
 
 MANIFEST = "manifest.json"
 LEDGER = "ledger.jsonl"
@@ -324,6 +330,10 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
             from privaudit.models import resolve_untrusted_model_name
 
             resolve_untrusted_model_name(saved.model.name, "manifest.config.model.name")
+            if saved.data.source != "synthetic":  # nor does it choose which data file is opened
+                raise ValueError(f"manifest.config.data.path: the run reads {saved.data.source} data from a file; a "
+                                 "data path is never taken from a run directory (resume with your own config: "
+                                 "privaudit train CONFIG -o RUN_DIR --resume)")
         cfg = saved
     else:
         if cfg is None:
@@ -483,6 +493,9 @@ class LoadedRun:
     tokenizer: Any
     audit_key: dict[str, Any] | None
     theta_0: dict[str, Any] | None
+    #: The run's data from the file the caller gave (``load_run(data_path=...)``), already checked
+    #: against the recorded fingerprints; None for synthetic data (regenerated from the config).
+    data: "DataBundle | None" = None
 
 
 def _refuse_unsafe_files(rd: Path) -> None:
@@ -524,7 +537,7 @@ def _check_audit_key(key: Any) -> None:
 
 
 def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any = None,
-             model_path: str | Path | None = None) -> LoadedRun:
+             model_path: str | Path | None = None, data_path: str | Path | None = None) -> LoadedRun:
     """Read a run directory (safetensors and JSON only; nothing in it is executed). A directory holding
     ``*.pkl``/``*.pickle``/``*.bin``/``*.pt``/``*.pth`` files is refused with a ``ValueError``, and so
     is a file of it that is not a regular file or is a symlink out of the directory.
@@ -536,7 +549,12 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     Everything the manifest says is untrusted: the base model it names must be a bundled model or an
     HF id in the local cache (:func:`privaudit.models.resolve_untrusted_model_name`); a model folder
     is used only when the caller passes it as ``model_path`` (it then replaces the manifest's name).
-    ``trust_remote_code`` is refused wherever it appears."""
+    ``trust_remote_code`` is refused wherever it appears. Likewise the data: synthetic data is
+    regenerated from the config's (bounded) values; a run trained on a file (``data.source`` jsonl,
+    csv or hf) needs the caller's ``data_path`` — the path in the manifest is never opened — and that
+    file must give the training set and corpus whose fingerprints the run recorded (the ledger
+    header's ``dataset_fingerprint``, the manifest's ``data.train_fingerprint`` and
+    ``data.corpus_fingerprint``; at least one must be recorded). The data so read is ``LoadedRun.data``."""
     from safetensors.torch import load_file
 
     from privaudit.mechanisms.training import build_model
@@ -550,6 +568,7 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     if manifest.get("status") != "complete":
         raise ValueError(f"run_dir: the run in {rd} is not complete (status {manifest.get('status')!r})")
     cfg = parse_config(manifest["config"])
+    cfg = _with_user_data_path(cfg, data_path)  # before anything is read: a missing path is refused now
     if model_path is not None:  # the user's own choice of model folder
         if not Path(model_path).is_dir():
             raise ValueError(f"model_path: {model_path} is not a directory")
@@ -576,6 +595,15 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     num_labels = max(2, len(labels) if isinstance(labels, list) else 0)
     if num_labels > 100_000:  # the classification head is built with one row per label
         raise ValueError(f"manifest.data.label_names: {num_labels} labels, more than the limit of 100000")
+    data = None
+    if data_path is not None:  # the user's file, checked before the model is built
+        from privaudit.mechanisms.training import prepare_data
+
+        try:
+            data = prepare_data(cfg)
+        except ValueError as exc:
+            raise ValueError(f"data_path: {exc}") from None
+        check_data_fingerprints(data, manifest, ledger.header.dataset_fingerprint, f"data_path {data_path}")
     from privaudit.mechanisms import get_mechanism
 
     loader = getattr(get_mechanism(cfg.mechanism), "load_released_model", None)  # e.g. a side network
@@ -587,7 +615,54 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     model.eval()
     init_path = rd / ADAPTER_INIT
     theta_0 = load_file(str(init_path)) if init_path.exists() else None
-    return LoadedRun(rd, manifest, cfg, ledger, model, tok, audit_key, theta_0)
+    return LoadedRun(rd, manifest, cfg, ledger, model, tok, audit_key, theta_0, data)
+
+
+def _with_user_data_path(cfg: RunConfig, data_path: str | Path | None) -> RunConfig:
+    """``cfg`` (parsed from a manifest) with its data file replaced by the caller's ``data_path``.
+    Synthetic data needs none (a ``data_path`` is then a ``ValueError``); data from a file needs one:
+    the manifest's ``data.path`` is never used, nor even checked for existence."""
+    if cfg.data.source == "synthetic":
+        if data_path is not None:
+            raise ValueError("data_path: the run's data is synthetic (regenerated from its config); "
+                             "give no data file")
+        return cfg
+    if data_path is None:
+        raise ValueError(f"manifest.config.data.path: the run was trained on a {cfg.data.source} data file; a "
+                         "data path is never taken from a run directory: pass the file yourself "
+                         "(privaudit audit RUN_DIR --data-path FILE, or data_path=)")
+    p = Path(data_path)
+    if not p.exists():
+        raise ValueError(f"data_path: {str(p)!r} does not exist")
+    fields = {**cfg.data.model_dump(), "path": str(p.resolve())}
+    try:
+        section = DataSection.model_validate(fields)
+    except ValidationError as exc:  # e.g. the file's suffix does not fit the run's source
+        msg = str(exc.errors()[0].get("msg", "invalid"))
+        raise ValueError(f"data_path: {msg.removeprefix('Value error, ').removeprefix('path: ')}") from None
+    return cfg.model_copy(update={"data": section})
+
+
+def check_data_fingerprints(data: "DataBundle", manifest: Mapping[str, Any], header_fingerprint: str | None,
+                            what: str) -> None:
+    """``ValueError`` unless ``data`` is the data the run recorded: its training-set fingerprint equals
+    the ledger header's ``dataset_fingerprint`` and the manifest's ``data.train_fingerprint``, and its
+    corpus fingerprint the manifest's ``data.corpus_fingerprint`` (each where recorded; a run that
+    records none of them cannot be checked and is refused). ``what`` names the data's origin."""
+    section = manifest.get("data")
+    section = section if isinstance(section, Mapping) else {}
+    train_fp, corpus_fp = data.fingerprint, data.corpus.fingerprint()
+    recorded = [("ledger.header.dataset_fingerprint", header_fingerprint, train_fp, "training-set"),
+                ("manifest.data.train_fingerprint", section.get("train_fingerprint"), train_fp, "training-set"),
+                ("manifest.data.corpus_fingerprint", section.get("corpus_fingerprint"), corpus_fp, "corpus")]
+    present = [r for r in recorded if r[1] is not None]
+    if not present:
+        raise ValueError(f"manifest.data.train_fingerprint: the run records no data fingerprint, so {what} "
+                         "cannot be checked against the data it was trained on")
+    for field, want, got, kind in present:
+        if want != got:
+            raise ValueError(f"{field}: {what} is not the run's data: its {kind} fingerprint {got[:16]}… differs "
+                             f"from the recorded {str(want)[:16]}…")
 
 
 @dataclass(frozen=True)
