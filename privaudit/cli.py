@@ -649,7 +649,8 @@ def _float_list(name: str, text: str | None) -> list[float]:
 @cli.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="Sweep directory (runs/<point>/, sweep.json, report.pdf). Re-running resumes.")
+              help="Sweep directory (runs/<point>/, sweep.json, report.pdf). Re-running resumes, with the "
+                   "model folder and data file of CONFIG (which must be the ones the runs recorded).")
 @click.option("--noise-multipliers", default=None, help="Comma-separated σ values (0 = non-private).")
 @click.option("--target-epsilons", default=None, help="Comma-separated target ε values.")
 @click.option("--set", "set_axes", multiple=True, metavar="PATH=V1,V2,...",

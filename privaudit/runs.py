@@ -258,8 +258,8 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
 
     ``resume=True`` continues an interrupted run in ``run_dir`` (``cfg`` may then be None: the saved
     config is used, and its model name must be a bundled model or an HF id in the local cache, never
-    a path: see :func:`privaudit.models.resolve_untrusted_model_name`; if given it must equal the saved
-    one). ``progress``: True for a progress bar on stderr, False for none, or a callable
+    a path: see :func:`privaudit.models.resolve_untrusted_model_name`, and its data synthetic: a data
+    file is never taken from the manifest; if given it must equal the saved one). ``progress``: True for a progress bar on stderr, False for none, or a callable
     ``(step, total, info)``.
 
     A finished run seals its ledger (event lines, releases, head hash), signed with ``signing_key``
