@@ -602,7 +602,7 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
         try:
             data = prepare_data(cfg)
         except ValueError as exc:
-            raise ValueError(f"data_path: {exc}") from None
+            raise ValueError(f"data_path: {str(exc).removeprefix('data.path: ')}") from None
         check_data_fingerprints(data, manifest, ledger.header.dataset_fingerprint, f"data_path {data_path}")
     from privaudit.mechanisms import get_mechanism
 
