@@ -516,7 +516,8 @@ _SHORT_BOUND = {"one_run_steinke": "Steinke", "one_run_fdp": "f-DP"}  # the boun
 @click.option("--seed", type=int, default=0, show_default=True, help="The auditor's seed.")
 @click.option("--model-path", type=click.Path(path_type=Path), default=None,
               help="The base model's folder, when the run's model is neither bundled nor in the local HF cache "
-                   "(a path named in the run's manifest is never loaded).")
+                   "(a path named in the run's manifest is never loaded); it must match the folder "
+                   "fingerprint the run recorded, if any.")
 @click.option("--data-path", type=click.Path(path_type=Path), default=None,
               help="The run's data file (.jsonl/.csv or a saved HF dataset folder), for a run trained on one: "
                    "a data path named in the run's manifest is never opened; the file must match the data "

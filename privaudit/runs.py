@@ -2,7 +2,8 @@
 
 A run directory holds
 
-* ``manifest.json`` — config, mechanism, base model, library versions, data fingerprint, utility
+* ``manifest.json`` — config, mechanism, base model (and a local model folder's fingerprint,
+  ``base_model_fingerprint``), library versions, data fingerprint, utility
   metrics, privacy section {noise_multiplier, sample_rate, steps, delta, epsilon: {rdp, pld, prv}},
   ledger head hash, status (``running`` / ``complete``) and any resumes;
 * ``ledger.jsonl`` — the write-ahead privacy ledger (one event per update, appended *before* it);
@@ -259,8 +260,9 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
     ``resume=True`` continues an interrupted run in ``run_dir`` (``cfg`` may then be None: the saved
     config is used, and its model name must be a bundled model or an HF id in the local cache, never
     a path: see :func:`privaudit.models.resolve_untrusted_model_name`, and its data synthetic: a data
-    file is never taken from the manifest; if given it must equal the saved one). ``progress``: True for a progress bar on stderr, False for none, or a callable
-    ``(step, total, info)``.
+    file is never taken from the manifest; if given it must equal the saved one, and a local model
+    folder it names must still have the ``base_model_fingerprint`` the run recorded). ``progress``:
+    True for a progress bar on stderr, False for none, or a callable ``(step, total, info)``.
 
     A finished run seals its ledger (event lines, releases, head hash), signed with ``signing_key``
     (an Ed25519 private key or PEM path, see ``privaudit keygen``) when given; the manifest keeps the
@@ -326,6 +328,8 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
         saved = parse_config(manifest["config"])
         if cfg is not None and config_to_dict(cfg) != config_to_dict(saved):
             raise ValueError(f"config: differs from the config of the interrupted run in {rd}")
+        if cfg is not None:  # the user's model folder must still be the one the run started with
+            check_model_folder(cfg.model.name, manifest.get("base_model_fingerprint"), "model.name")
         if cfg is None:  # the model comes from the manifest: bundled or HF cache only, never a path
             from privaudit.models import resolve_untrusted_model_name
 
@@ -368,6 +372,7 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
             "base_model": cfg.model.name,
             "observer": mech.OBSERVER,
             "config": config_to_dict(cfg),
+            "base_model_fingerprint": _model_folder_fingerprint(cfg.model.name),
             "plan": plan.to_json(),
             "data": {"source": cfg.data.source, "train_size": len(data.train), "heldout_size": len(data.heldout),
                      "train_fingerprint": data.fingerprint, "corpus_fingerprint": data.corpus.fingerprint(),
@@ -548,10 +553,11 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
 
     Everything the manifest says is untrusted: the base model it names must be a bundled model or an
     HF id in the local cache (:func:`privaudit.models.resolve_untrusted_model_name`); a model folder
-    is used only when the caller passes it as ``model_path`` (it then replaces the manifest's name).
-    ``trust_remote_code`` is refused wherever it appears. Likewise the data: synthetic data is
-    regenerated from the config's (bounded) values; a run trained on a file (``data.source`` jsonl,
-    csv or hf) needs the caller's ``data_path`` — the path in the manifest is never opened — and that
+    is used only when the caller passes it as ``model_path`` (it then replaces the manifest's name,
+    and must have the ``base_model_fingerprint`` the run recorded, if any). ``trust_remote_code`` is
+    refused wherever it appears. Likewise the data: synthetic data is regenerated from the config's
+    (bounded) values; a run trained on a file (``data.source`` jsonl, csv or hf) needs the caller's
+    ``data_path`` — the path in the manifest is never opened — and that
     file must give the training set and corpus whose fingerprints the run recorded (the ledger
     header's ``dataset_fingerprint``, the manifest's ``data.train_fingerprint`` and
     ``data.corpus_fingerprint``; at least one must be recorded). The data so read is ``LoadedRun.data``."""
@@ -569,9 +575,10 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
         raise ValueError(f"run_dir: the run in {rd} is not complete (status {manifest.get('status')!r})")
     cfg = parse_config(manifest["config"])
     cfg = _with_user_data_path(cfg, data_path)  # before anything is read: a missing path is refused now
-    if model_path is not None:  # the user's own choice of model folder
+    if model_path is not None:  # the user's own choice of model folder, the one the run recorded
         if not Path(model_path).is_dir():
             raise ValueError(f"model_path: {model_path} is not a directory")
+        check_model_folder(model_path, manifest.get("base_model_fingerprint"), "model_path")
         location = str(Path(model_path).resolve())
     else:
         from privaudit.models import resolve_untrusted_model_name
@@ -616,6 +623,28 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     init_path = rd / ADAPTER_INIT
     theta_0 = load_file(str(init_path)) if init_path.exists() else None
     return LoadedRun(rd, manifest, cfg, ledger, model, tok, audit_key, theta_0, data)
+
+
+def _model_folder_fingerprint(name: str) -> str | None:
+    """The fingerprint of the base model when ``name`` is a local folder (``manifest.base_model_fingerprint``,
+    :func:`privaudit.models.model_folder_fingerprint`); None for a bundled model or an HF id."""
+    from privaudit.models import is_model_path, model_folder_fingerprint
+
+    return model_folder_fingerprint(name) if is_model_path(name) and Path(name).is_dir() else None
+
+
+def check_model_folder(folder: str | Path, recorded: Any, field: str) -> None:
+    """``ValueError`` naming ``field`` unless the model folder the user gives has the fingerprint the
+    run recorded (``manifest.base_model_fingerprint``; runs written before it was recorded, and runs on
+    a bundled model or HF id, have none: then nothing is compared)."""
+    if recorded is None or not Path(folder).is_dir():
+        return
+    from privaudit.models import model_folder_fingerprint
+
+    got = model_folder_fingerprint(folder)
+    if got != recorded:
+        raise ValueError(f"{field}: the model folder {str(folder)!r} is not the run's base model: its fingerprint "
+                         f"{got[:16]}… differs from manifest.base_model_fingerprint {str(recorded)[:16]}…")
 
 
 def _with_user_data_path(cfg: RunConfig, data_path: str | Path | None) -> RunConfig:

@@ -305,8 +305,8 @@ def _user_data_path(cfg: Any) -> str | None:
 def _resume(cfg: RunConfig, rd: Path, quiet: bool) -> None:
     """Resume the interrupted point ``rd`` with the config the user's base config gives it now (model
     folder and data file included: the stored manifest never chooses either), which must be the one
-    the run recorded: the model name here, the whole config and the data fingerprint in
-    :func:`privaudit.runs.train`."""
+    the run recorded: the model name here; the whole config, the model folder's and the data's
+    fingerprints in :func:`privaudit.runs.train`."""
     from privaudit.runs import _read_manifest, train
 
     saved = _read_manifest(rd).get("config")
@@ -315,7 +315,7 @@ def _resume(cfg: RunConfig, rd: Path, quiet: bool) -> None:
     if recorded != cfg.model.name:
         raise ValueError(f"model.name: the sweep's config names {cfg.model.name!r} but the interrupted run in {rd} "
                          f"was trained on {recorded!r}; resume with the base config it was started with")
-    train(cfg, rd, resume=True, progress=not quiet)  # compares the whole config and the data fingerprint
+    train(cfg, rd, resume=True, progress=not quiet)  # compares the config and the model and data fingerprints
 
 
 def point_status(run_dir: Path) -> str:

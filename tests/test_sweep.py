@@ -179,8 +179,8 @@ def test_sweep_resumes_a_local_folder_model_on_file_data(tmp_path: Path) -> None
     """A point interrupted after its first checkpoint, whose model is a local folder and whose data is
     a JSONL file: the sweep resumes it with the folder and file of the base config given now (never
     those its manifest names) and audits it; a base config naming another folder is refused."""
-    from privaudit.models import load_base_model
-    from privaudit.runs import train
+    from privaudit.models import load_base_model, model_folder_fingerprint
+    from privaudit.runs import load_run, train
 
     model, tok = load_base_model("tiny-gpt2", "classification", n_layer=1, n_embd=16, n_head=2)
     folder = tmp_path / "my-model"
@@ -211,9 +211,17 @@ def test_sweep_resumes_a_local_folder_model_on_file_data(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="^config: differs"):  # the run was started with steps: 4
         run_sweep(base, points, out, audit=False, report=False, quiet=True)
     base["training"] = {**TINY["training"], "steps": 4}
+    conf = (folder / "config.json").read_bytes()
+    (folder / "config.json").write_bytes(conf + b"\n")  # the same name, other bytes: not the run's model
+    with pytest.raises(ValueError, match="^model.name: .*base_model_fingerprint"):
+        run_sweep(base, points, out, audit=False, report=False, quiet=True)
+    (folder / "config.json").write_bytes(conf)
     res = run_sweep(base, points, out, audit=True, report=False, quiet=True)
     man = json.loads((rd / "manifest.json").read_text())
     assert man["status"] == "complete" and man["resumes"][0]["from_step"] == 2
     assert man["privacy"]["ledger_releases"] == 4 + 1  # step 3 redone from the step-2 checkpoint: counted twice
     assert res.points[0]["verdict"] in ("consistent", "inconclusive", "violation")
     assert json.loads((rd / "audit.json").read_text())["verdict"] == res.points[0]["verdict"]
+    assert man["base_model_fingerprint"] == model_folder_fingerprint(folder)
+    with pytest.raises(ValueError, match="^model_path: .*base_model_fingerprint"):
+        load_run(rd, model_path=other, data_path=data)
