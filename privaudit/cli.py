@@ -516,22 +516,33 @@ _SHORT_BOUND = {"one_run_steinke": "Steinke", "one_run_fdp": "f-DP"}  # the boun
 @click.option("--seed", type=int, default=0, show_default=True, help="The auditor's seed.")
 @click.option("--model-path", type=click.Path(path_type=Path), default=None,
               help="The base model's folder, when the run's model is neither bundled nor in the local HF cache "
-                   "(a path named in the run's manifest is never loaded).")
+                   "(a path named in the run's manifest is never loaded); it must match the folder "
+                   "fingerprint the run recorded, if any.")
+@click.option("--data-path", type=click.Path(path_type=Path), default=None,
+              help="The run's data file (.jsonl/.csv or a saved HF dataset folder), for a run trained on one: "
+                   "a data path named in the run's manifest is never opened; the file must match the data "
+                   "fingerprints the run recorded. Synthetic data needs none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (audit.json).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_PUBLIC_KEY_OPTION
 def audit(run_dir: Path | None, attacks: str | None, reference_models: int, confidence: float, seed: int,
-          model_path: Path | None, as_json: bool, quiet: bool, public_key: Path | None, **external: Any) -> None:
+          model_path: Path | None, data_path: Path | None, as_json: bool, quiet: bool, public_key: Path | None,
+          **external: Any) -> None:
     """Audit a run: attacks, empirical ε lower bound, verdict; writes RUN_DIR/audit.json (exit 1 on a
     violation). With --model/--adapter: audit any checkpoint against --members/--non-members into -o.
 
     RUN_DIR: a run directory written by `privaudit train` (manifest.json, ledger.jsonl, the adapter as
     safetensors and audit_key.json, the auditor's record of which records and canaries were members).
+    Everything in RUN_DIR is untrusted: its manifest never chooses a model folder or a data file to open
+    (pass your own with --model-path / --data-path).
     Verdicts: consistent, inconclusive (the audit could not test the accounted ε), violation, no guarantee."""
     from privaudit.audit.auditor import audit_run, bound_name
     from privaudit.ledger.ledger import LedgerCorruptError
 
     if external["model"] is not None or external["adapter"] is not None:
+        if data_path is not None or model_path is not None:
+            fail_input("--data-path/--model-path: these options audit a run directory; a checkpoint audit "
+                       "takes --model and --members/--non-members")
         from privaudit.audit.external import audit_from_cli
 
         result = audit_from_cli(run_dir=run_dir, attacks=attacks, confidence=confidence, seed=seed,
@@ -550,7 +561,7 @@ def audit(run_dir: Path | None, attacks: str | None, reference_models: int, conf
         try:
             result = audit_run(run_dir, attacks=names, reference_models=reference_models, confidence=confidence,
                                seed=seed, progress=not quiet, public_key=public_key,
-                               model_path=model_path)
+                               model_path=model_path, data_path=data_path)
         except LedgerCorruptError as exc:
             raise CheckFailed(f"ledger of {run_dir}: {exc}") from None
     if as_json:
@@ -639,7 +650,8 @@ def _float_list(name: str, text: str | None) -> list[float]:
 @cli.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="Sweep directory (runs/<point>/, sweep.json, report.pdf). Re-running resumes.")
+              help="Sweep directory (runs/<point>/, sweep.json, report.pdf). Re-running resumes, with the "
+                   "model folder and data file of CONFIG (which must be the ones the runs recorded).")
 @click.option("--noise-multipliers", default=None, help="Comma-separated σ values (0 = non-private).")
 @click.option("--target-epsilons", default=None, help="Comma-separated target ε values.")
 @click.option("--set", "set_axes", multiple=True, metavar="PATH=V1,V2,...",

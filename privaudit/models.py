@@ -156,6 +156,30 @@ def is_model_path(name: str) -> bool:
     return not _HF_REPO_ID.fullmatch(key) or ".." in key
 
 
+#: Files of a model folder that :func:`model_folder_fingerprint` covers (what ``from_pretrained`` reads:
+#: config, weights, tokenizer files).
+_FINGERPRINTED_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".tiktoken")
+
+
+def model_folder_fingerprint(path: str | os.PathLike[str]) -> str:
+    """SHA-256 over a local model folder's config, weight and tokenizer files (top level: name and
+    SHA-256 of each, sorted by name; files ending in ``_FINGERPRINTED_SUFFIXES``, symlinks followed as
+    in an HF cache snapshot). Two folders agree when those files are byte-for-byte the same; a README
+    or other file does not count. ``ValueError`` naming ``model_path`` when ``path`` is not a folder."""
+    import hashlib
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"model_path: {str(folder)!r} is not a directory")
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir(), key=lambda q: q.name):
+        if f.suffix.lower() in _FINGERPRINTED_SUFFIXES and f.is_file():
+            with f.open("rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            h.update(f"{f.name}\0{digest}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
 def _is_bundled(key: str) -> bool:
     """A bundled model's name or alias (MiniLM, SmolLM2-135M, the tiny test models)."""
     k = key.lower()

@@ -2,7 +2,8 @@
 
 A run directory holds
 
-* ``manifest.json`` — config, mechanism, base model, library versions, data fingerprint, utility
+* ``manifest.json`` — config, mechanism, base model (and a local model folder's fingerprint,
+  ``base_model_fingerprint``), library versions, data fingerprint, utility
   metrics, privacy section {noise_multiplier, sample_rate, steps, delta, epsilon: {rdp, pld, prv}},
   ledger head hash, status (``running`` / ``complete``) and any resumes;
 * ``ledger.jsonl`` — the write-ahead privacy ledger (one event per update, appended *before* it);
@@ -27,10 +28,13 @@ import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from pydantic import ValidationError
 
 from privaudit.accounting.summary import epsilon_section
 from privaudit.config import (
+    DataSection,
     PrivacyPlan,
     RunConfig,
     claims_of,
@@ -53,6 +57,9 @@ from privaudit.safe_read import (
     read_json_file,
     walk_run_dir,
 )
+
+if TYPE_CHECKING:
+    from privaudit.mechanisms.training import DataBundle
 
 MANIFEST = "manifest.json"
 LEDGER = "ledger.jsonl"
@@ -252,9 +259,10 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
 
     ``resume=True`` continues an interrupted run in ``run_dir`` (``cfg`` may then be None: the saved
     config is used, and its model name must be a bundled model or an HF id in the local cache, never
-    a path: see :func:`privaudit.models.resolve_untrusted_model_name`; if given it must equal the saved
-    one). ``progress``: True for a progress bar on stderr, False for none, or a callable
-    ``(step, total, info)``.
+    a path: see :func:`privaudit.models.resolve_untrusted_model_name`, and its data synthetic: a data
+    file is never taken from the manifest; if given it must equal the saved one, and a local model
+    folder it names must still have the ``base_model_fingerprint`` the run recorded). ``progress``:
+    True for a progress bar on stderr, False for none, or a callable ``(step, total, info)``.
 
     A finished run seals its ledger (event lines, releases, head hash), signed with ``signing_key``
     (an Ed25519 private key or PEM path, see ``privaudit keygen``) when given; the manifest keeps the
@@ -320,10 +328,16 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
         saved = parse_config(manifest["config"])
         if cfg is not None and config_to_dict(cfg) != config_to_dict(saved):
             raise ValueError(f"config: differs from the config of the interrupted run in {rd}")
+        if cfg is not None:  # the user's model folder must still be the one the run started with
+            check_model_folder(cfg.model.name, manifest.get("base_model_fingerprint"), "model.name")
         if cfg is None:  # the model comes from the manifest: bundled or HF cache only, never a path
             from privaudit.models import resolve_untrusted_model_name
 
             resolve_untrusted_model_name(saved.model.name, "manifest.config.model.name")
+            if saved.data.source != "synthetic":  # nor does it choose which data file is opened
+                raise ValueError(f"manifest.config.data.path: the run reads {saved.data.source} data from a file; a "
+                                 "data path is never taken from a run directory (resume with your own config: "
+                                 "privaudit train CONFIG -o RUN_DIR --resume)")
         cfg = saved
     else:
         if cfg is None:
@@ -358,6 +372,7 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
             "base_model": cfg.model.name,
             "observer": mech.OBSERVER,
             "config": config_to_dict(cfg),
+            "base_model_fingerprint": _model_folder_fingerprint(cfg.model.name),
             "plan": plan.to_json(),
             "data": {"source": cfg.data.source, "train_size": len(data.train), "heldout_size": len(data.heldout),
                      "train_fingerprint": data.fingerprint, "corpus_fingerprint": data.corpus.fingerprint(),
@@ -483,6 +498,9 @@ class LoadedRun:
     tokenizer: Any
     audit_key: dict[str, Any] | None
     theta_0: dict[str, Any] | None
+    #: The run's data from the file the caller gave (``load_run(data_path=...)``), already checked
+    #: against the recorded fingerprints; None for synthetic data (regenerated from the config).
+    data: "DataBundle | None" = None
 
 
 def _refuse_unsafe_files(rd: Path) -> None:
@@ -524,7 +542,7 @@ def _check_audit_key(key: Any) -> None:
 
 
 def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any = None,
-             model_path: str | Path | None = None) -> LoadedRun:
+             model_path: str | Path | None = None, data_path: str | Path | None = None) -> LoadedRun:
     """Read a run directory (safetensors and JSON only; nothing in it is executed). A directory holding
     ``*.pkl``/``*.pickle``/``*.bin``/``*.pt``/``*.pth`` files is refused with a ``ValueError``, and so
     is a file of it that is not a regular file or is a symlink out of the directory.
@@ -535,8 +553,14 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
 
     Everything the manifest says is untrusted: the base model it names must be a bundled model or an
     HF id in the local cache (:func:`privaudit.models.resolve_untrusted_model_name`); a model folder
-    is used only when the caller passes it as ``model_path`` (it then replaces the manifest's name).
-    ``trust_remote_code`` is refused wherever it appears."""
+    is used only when the caller passes it as ``model_path`` (it then replaces the manifest's name,
+    and must have the ``base_model_fingerprint`` the run recorded, if any). ``trust_remote_code`` is
+    refused wherever it appears. Likewise the data: synthetic data is regenerated from the config's
+    (bounded) values; a run trained on a file (``data.source`` jsonl, csv or hf) needs the caller's
+    ``data_path`` — the path in the manifest is never opened — and that
+    file must give the training set and corpus whose fingerprints the run recorded (the ledger
+    header's ``dataset_fingerprint``, the manifest's ``data.train_fingerprint`` and
+    ``data.corpus_fingerprint``; at least one must be recorded). The data so read is ``LoadedRun.data``."""
     from safetensors.torch import load_file
 
     from privaudit.mechanisms.training import build_model
@@ -550,9 +574,11 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     if manifest.get("status") != "complete":
         raise ValueError(f"run_dir: the run in {rd} is not complete (status {manifest.get('status')!r})")
     cfg = parse_config(manifest["config"])
-    if model_path is not None:  # the user's own choice of model folder
+    cfg = _with_user_data_path(cfg, data_path)  # before anything is read: a missing path is refused now
+    if model_path is not None:  # the user's own choice of model folder, the one the run recorded
         if not Path(model_path).is_dir():
             raise ValueError(f"model_path: {model_path} is not a directory")
+        check_model_folder(model_path, manifest.get("base_model_fingerprint"), "model_path")
         location = str(Path(model_path).resolve())
     else:
         from privaudit.models import resolve_untrusted_model_name
@@ -576,6 +602,15 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     num_labels = max(2, len(labels) if isinstance(labels, list) else 0)
     if num_labels > 100_000:  # the classification head is built with one row per label
         raise ValueError(f"manifest.data.label_names: {num_labels} labels, more than the limit of 100000")
+    data = None
+    if data_path is not None:  # the user's file, checked before the model is built
+        from privaudit.mechanisms.training import prepare_data
+
+        try:
+            data = prepare_data(cfg)
+        except ValueError as exc:
+            raise ValueError(f"data_path: {str(exc).removeprefix('data.path: ')}") from None
+        check_data_fingerprints(data, manifest, ledger.header.dataset_fingerprint, f"data_path {data_path}")
     from privaudit.mechanisms import get_mechanism
 
     loader = getattr(get_mechanism(cfg.mechanism), "load_released_model", None)  # e.g. a side network
@@ -587,7 +622,76 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     model.eval()
     init_path = rd / ADAPTER_INIT
     theta_0 = load_file(str(init_path)) if init_path.exists() else None
-    return LoadedRun(rd, manifest, cfg, ledger, model, tok, audit_key, theta_0)
+    return LoadedRun(rd, manifest, cfg, ledger, model, tok, audit_key, theta_0, data)
+
+
+def _model_folder_fingerprint(name: str) -> str | None:
+    """The fingerprint of the base model when ``name`` is a local folder (``manifest.base_model_fingerprint``,
+    :func:`privaudit.models.model_folder_fingerprint`); None for a bundled model or an HF id."""
+    from privaudit.models import is_model_path, model_folder_fingerprint
+
+    return model_folder_fingerprint(name) if is_model_path(name) and Path(name).is_dir() else None
+
+
+def check_model_folder(folder: str | Path, recorded: Any, field: str) -> None:
+    """``ValueError`` naming ``field`` unless the model folder the user gives has the fingerprint the
+    run recorded (``manifest.base_model_fingerprint``; runs written before it was recorded, and runs on
+    a bundled model or HF id, have none: then nothing is compared)."""
+    if recorded is None or not Path(folder).is_dir():
+        return
+    from privaudit.models import model_folder_fingerprint
+
+    got = model_folder_fingerprint(folder)
+    if got != recorded:
+        raise ValueError(f"{field}: the model folder {str(folder)!r} is not the run's base model: its fingerprint "
+                         f"{got[:16]}… differs from manifest.base_model_fingerprint {str(recorded)[:16]}…")
+
+
+def _with_user_data_path(cfg: RunConfig, data_path: str | Path | None) -> RunConfig:
+    """``cfg`` (parsed from a manifest) with its data file replaced by the caller's ``data_path``.
+    Synthetic data needs none (a ``data_path`` is then a ``ValueError``); data from a file needs one:
+    the manifest's ``data.path`` is never used, nor even checked for existence."""
+    if cfg.data.source == "synthetic":
+        if data_path is not None:
+            raise ValueError("data_path: the run's data is synthetic (regenerated from its config); "
+                             "give no data file")
+        return cfg
+    if data_path is None:
+        raise ValueError(f"manifest.config.data.path: the run was trained on a {cfg.data.source} data file; a "
+                         "data path is never taken from a run directory: pass the file yourself "
+                         "(privaudit audit RUN_DIR --data-path FILE, or data_path=)")
+    p = Path(data_path)
+    if not p.exists():
+        raise ValueError(f"data_path: {str(p)!r} does not exist")
+    fields = {**cfg.data.model_dump(), "path": str(p.resolve())}
+    try:
+        section = DataSection.model_validate(fields)
+    except ValidationError as exc:  # e.g. the file's suffix does not fit the run's source
+        msg = str(exc.errors()[0].get("msg", "invalid"))
+        raise ValueError(f"data_path: {msg.removeprefix('Value error, ').removeprefix('path: ')}") from None
+    return cfg.model_copy(update={"data": section})
+
+
+def check_data_fingerprints(data: "DataBundle", manifest: Mapping[str, Any], header_fingerprint: str | None,
+                            what: str) -> None:
+    """``ValueError`` unless ``data`` is the data the run recorded: its training-set fingerprint equals
+    the ledger header's ``dataset_fingerprint`` and the manifest's ``data.train_fingerprint``, and its
+    corpus fingerprint the manifest's ``data.corpus_fingerprint`` (each where recorded; a run that
+    records none of them cannot be checked and is refused). ``what`` names the data's origin."""
+    section = manifest.get("data")
+    section = section if isinstance(section, Mapping) else {}
+    train_fp, corpus_fp = data.fingerprint, data.corpus.fingerprint()
+    recorded = [("ledger.header.dataset_fingerprint", header_fingerprint, train_fp, "training-set"),
+                ("manifest.data.train_fingerprint", section.get("train_fingerprint"), train_fp, "training-set"),
+                ("manifest.data.corpus_fingerprint", section.get("corpus_fingerprint"), corpus_fp, "corpus")]
+    present = [r for r in recorded if r[1] is not None]
+    if not present:
+        raise ValueError(f"manifest.data.train_fingerprint: the run records no data fingerprint, so {what} "
+                         "cannot be checked against the data it was trained on")
+    for field, want, got, kind in present:
+        if want != got:
+            raise ValueError(f"{field}: {what} is not the run's data: its {kind} fingerprint {got[:16]}… differs "
+                             f"from the recorded {str(want)[:16]}…")
 
 
 @dataclass(frozen=True)

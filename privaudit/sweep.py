@@ -294,6 +294,30 @@ def _user_model_path(cfg: Any) -> str | None:
     return name if name is not None and is_model_path(name) else None
 
 
+def _user_data_path(cfg: Any) -> str | None:
+    """The sweep's own config names the data file (its path resolved when the config was read): the
+    user's choice, passed on to the audit (which never opens a data path from a manifest)."""
+    if not isinstance(cfg, RunConfig) or cfg.data.source == "synthetic":
+        return None
+    return cfg.data.path
+
+
+def _resume(cfg: RunConfig, rd: Path, quiet: bool) -> None:
+    """Resume the interrupted point ``rd`` with the config the user's base config gives it now (model
+    folder and data file included: the stored manifest never chooses either), which must be the one
+    the run recorded: the model name here; the whole config, the model folder's and the data's
+    fingerprints in :func:`privaudit.runs.train`."""
+    from privaudit.runs import _read_manifest, train
+
+    saved = _read_manifest(rd).get("config")
+    saved_model = saved.get("model") if isinstance(saved, dict) else None
+    recorded = saved_model.get("name") if isinstance(saved_model, dict) else None
+    if recorded != cfg.model.name:
+        raise ValueError(f"model.name: the sweep's config names {cfg.model.name!r} but the interrupted run in {rd} "
+                         f"was trained on {recorded!r}; resume with the base config it was started with")
+    train(cfg, rd, resume=True, progress=not quiet)  # compares the config and the model and data fingerprints
+
+
 def point_status(run_dir: Path) -> str:
     """``new``, ``interrupted``, ``trained`` or ``audited``."""
     manifest = run_dir / "manifest.json"
@@ -332,7 +356,7 @@ def run_sweep(base: Mapping[str, Any] | RunConfig, points: Sequence[SweepPoint],
             train(cfg, rd, progress=not quiet)
         elif status == "interrupted":
             if (rd / "checkpoint").exists():
-                train(None, rd, resume=True, progress=not quiet)
+                _resume(cfg, rd, quiet)
             else:  # interrupted before its first checkpoint: nothing was trained yet worth keeping
                 _clear_dir(rd)
                 train(cfg, rd, progress=not quiet)
@@ -343,7 +367,8 @@ def run_sweep(base: Mapping[str, Any] | RunConfig, points: Sequence[SweepPoint],
             say(f"[{i}/{len(cfgs)}] {point.name}: auditing")
             kwargs = {"attacks": attacks, "reference_models": reference_models,
                       **(audit_settings(point) if audit_settings is not None else {})}
-            audit_run(rd, progress=not quiet, **{"model_path": _user_model_path(cfg), **kwargs})
+            audit_run(rd, progress=not quiet,
+                      **{"model_path": _user_model_path(cfg), "data_path": _user_data_path(cfg), **kwargs})
         run_dirs.append(rd)
         summaries.append(_summary(point, rd))
     (out / "sweep.json").write_text(json.dumps({"points": summaries}, indent=2), encoding="utf-8")

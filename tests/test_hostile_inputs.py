@@ -4,9 +4,12 @@ directory's lock before writing anything and leaves nothing half-made behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +126,129 @@ def test_train_resume_never_runs_code_from_a_crafted_run_dir(tmp_path: Path) -> 
         train(None, rd2, resume=True, progress=False)
     assert not marker.exists()
     assert not (rd / RUN_LOCK).exists() and not (rd2 / RUN_LOCK).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# data files: the user names them, a manifest never does
+# ----------------------------------------------------------------------------------------------
+_WATCHED: dict[str, list[str]] = {}  # resolved path -> the opens seen while it is watched
+
+
+def _open_hook(event: str, args: tuple[Any, ...]) -> None:
+    if event in ("open", "os.listdir", "os.scandir") and _WATCHED and args and isinstance(args[0], (str, os.PathLike)):
+        path = os.path.realpath(os.fspath(args[0]))
+        for key, hits in _WATCHED.items():
+            if path == key or path.startswith(key + os.sep):
+                hits.append(event)
+
+
+_HOOKED: list[bool] = []
+
+
+@contextlib.contextmanager
+def opens_of(path: Path | str) -> Iterator[list[str]]:
+    """Every open (and directory listing) of ``path`` or of anything under it by this process while the
+    block runs, seen by a ``sys`` audit hook (``open`` is raised by ``open``, ``io.open``, ``os.open``)."""
+    if not _HOOKED:  # audit hooks cannot be removed: one for the whole session, idle when nothing is watched
+        sys.addaudithook(_open_hook)
+        _HOOKED.append(True)
+    key = os.path.realpath(path)
+    _WATCHED[key] = hits = []
+    try:
+        yield hits
+    finally:
+        del _WATCHED[key]
+
+
+def write_records(path: Path, n: int = 40, changed: int | None = None) -> Path:
+    """A labelled JSONL data file (``changed``: that record's text differs)."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    rows = [{"id": f"r{i}", "text": f"{words[i % 10]} {words[i * 3 % 10]} record {i}" + (" x" if i == changed else ""),
+             "label": i % 2} for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("source,target", [("jsonl", "outside/secret.jsonl"), ("hf", "outside/dataset"),
+                                           ("hf", "/etc/passwd")])
+def test_a_manifest_never_chooses_the_data_file(tmp_path: Path, source: str, target: str) -> None:
+    """A crafted run directory whose manifest names a data file or folder outside it (a readable JSONL
+    file, a folder, /etc/passwd): audit, load_run and resume refuse with one line asking for
+    --data-path, and nothing there is ever opened or listed."""
+    where = Path(target) if target.startswith("/") else tmp_path / target
+    if target.endswith(".jsonl"):
+        write_records(where)
+    elif not target.startswith("/"):
+        write_records(where / "data.jsonl")
+    with opens_of(where) as hits:  # the spy's control: it sees an open of the file (or in the folder)
+        (where if where.is_file() else where / "data.jsonl").read_bytes()
+    assert hits == ["open"]
+    target = where
+    cfg = tiny(data={"source": source, "path": str(target)})
+    rd = crafted_run(tmp_path / "a", cfg)
+    resumable = crafted_run(tmp_path / "b", cfg, status="running")
+    with opens_of(target) as hits:
+        res = run_cli(["audit", str(rd), "--quiet"])
+        assert_rejected(res, "manifest.config.data.path", "--data-path")
+        with pytest.raises(ValueError, match="^manifest.config.data.path: .*never taken from a run directory"):
+            load_run(rd)
+        with pytest.raises(ValueError, match="^manifest.config.data.path: .*never taken from a run directory"):
+            train(None, resumable, resume=True, progress=False)
+        # the user's own file, but the crafted run records no fingerprint to check it against
+        mine = write_records(tmp_path / "mine.jsonl")
+        if source == "jsonl":
+            assert_rejected(run_cli(["audit", str(rd), "--quiet", "--data-path", str(mine)]),
+                            "data_path", "records no data fingerprint")
+    assert hits == []
+
+
+@pytest.mark.slow
+def test_data_path_is_checked_against_the_recorded_fingerprint(tmp_path: Path) -> None:
+    """A run trained on a JSONL file audits with the user's copy of it (--data-path; the path in the
+    manifest is never opened); another file is refused naming the fingerprint; a synthetic run takes
+    no data file."""
+    original = write_records(tmp_path / "train_data" / "d.jsonl")
+    rd = tmp_path / "run"
+    train(parse_config(tiny(data={"source": "jsonl", "path": str(original)})), rd, progress=False)
+    mine = tmp_path / "mine" / "copy.jsonl"
+    mine.parent.mkdir()
+    shutil.copy(original, mine)
+    wrong = write_records(tmp_path / "wrong.jsonl", changed=3)
+    with opens_of(original) as hits:
+        assert_rejected(run_cli(["audit", str(rd), "--quiet"]), "manifest.config.data.path", "--data-path")
+        res = run_cli(["audit", str(rd), "--quiet", "--json", "--data-path", str(mine)])
+        assert_clean(res, allowed=(0, 1))
+        assert json.loads(res.stdout)["verdict"] in ("consistent", "inconclusive", "violation")
+        line = assert_rejected(run_cli(["audit", str(rd), "--quiet", "--data-path", str(wrong)]),
+                               "fingerprint", "data_path")
+        assert line.startswith("error: ledger.header.dataset_fingerprint: ")
+        from privaudit.audit.auditor import audit_run
+
+        with pytest.raises(ValueError, match="^ledger.header.dataset_fingerprint: data_path .* fingerprint"):
+            audit_run(rd, data_path=wrong, progress=False, _write=False)
+        with pytest.raises(ValueError, match="^data_path: .* does not exist"):
+            load_run(rd, data_path=tmp_path / "nope.jsonl")
+        with pytest.raises(ValueError, match="^data_path: source jsonl needs a .jsonl"):
+            load_run(rd, data_path=tmp_path)
+        assert load_run(rd, data_path=mine).data is not None
+    assert hits == []
+    # the finished run's manifest edited to name another file (nothing seals the config): never opened
+    manifest = json.loads((rd / "manifest.json").read_text())
+    secret = write_records(tmp_path / "outside" / "secret.jsonl")
+    manifest["config"]["data"]["path"] = str(secret)
+    (rd / "manifest.json").write_text(json.dumps(manifest))
+    with opens_of(secret) as hits:
+        assert_rejected(run_cli(["audit", str(rd), "--quiet"]), "manifest.config.data.path", "--data-path")
+        assert_clean(run_cli(["audit", str(rd), "--quiet", "--data-path", str(mine)]), allowed=(0, 1))
+    assert hits == []
+    # a forged manifest fingerprint is caught as well (the ledger header's agrees with the file)
+    manifest["data"]["corpus_fingerprint"] = "0" * 64
+    (rd / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="^manifest.data.corpus_fingerprint: "):
+        load_run(rd, data_path=mine)
+    synthetic = crafted_run(tmp_path / "s")
+    assert_rejected(run_cli(["audit", str(synthetic), "--quiet", "--data-path", str(mine)]), "data_path", "synthetic")
 
 
 # ----------------------------------------------------------------------------------------------

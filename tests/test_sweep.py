@@ -168,3 +168,60 @@ def test_lora_sketch_study_file_runs_as_a_sweep(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(sw, "run_sweep", fake_run_sweep)
     res = rank_study.run_study_file(EXAMPLES / "lora_sketch_study.yaml", tmp_path / "st", progress=lambda m: None)
     assert seen["mechanism"] == "lora_sketch" and len(seen["names"]) == 10 and res.rows == ()
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_sweep_resumes_a_local_folder_model_on_file_data(tmp_path: Path) -> None:
+    """A point interrupted after its first checkpoint, whose model is a local folder and whose data is
+    a JSONL file: the sweep resumes it with the folder and file of the base config given now (never
+    those its manifest names) and audits it; a base config naming another folder is refused."""
+    from privaudit.models import load_base_model, model_folder_fingerprint
+    from privaudit.runs import load_run, train
+
+    model, tok = load_base_model("tiny-gpt2", "classification", n_layer=1, n_embd=16, n_head=2)
+    folder = tmp_path / "my-model"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "text": f"record {i} says {'yes' if i % 2 else 'no'}",
+                                        "label": i % 2}) + "\n" for i in range(30)), encoding="utf-8")
+    base = {**TINY, "model": {"name": str(folder), "max_length": 16},
+            "data": {"source": "jsonl", "path": str(data), "max_heldout": 10}}
+    points = make_points([1.0])
+    out = tmp_path / "sw"
+    rd = out / "runs" / points[0].name
+
+    def crash_after_3(step: int, total: int, info: dict[str, Any]) -> None:
+        if step == 3:
+            raise _Crash
+
+    with pytest.raises(_Crash):  # steps 1-3 released, the step-2 checkpoint kept
+        train(parse_config(points[0].apply({**base, "training": {**TINY["training"], "steps": 4}})), rd,
+              progress=crash_after_3)
+    assert (rd / "checkpoint").exists()
+    other = tmp_path / "other-model"
+    other.mkdir()
+    with pytest.raises(ValueError, match="^model.name: .*other-model"):
+        run_sweep({**base, "model": {"name": str(other), "max_length": 16}}, points, out, audit=False,
+                  report=False, quiet=True)
+    with pytest.raises(ValueError, match="^config: differs"):  # the run was started with steps: 4
+        run_sweep(base, points, out, audit=False, report=False, quiet=True)
+    base["training"] = {**TINY["training"], "steps": 4}
+    conf = (folder / "config.json").read_bytes()
+    (folder / "config.json").write_bytes(conf + b"\n")  # the same name, other bytes: not the run's model
+    with pytest.raises(ValueError, match="^model.name: .*base_model_fingerprint"):
+        run_sweep(base, points, out, audit=False, report=False, quiet=True)
+    (folder / "config.json").write_bytes(conf)
+    res = run_sweep(base, points, out, audit=True, report=False, quiet=True)
+    man = json.loads((rd / "manifest.json").read_text())
+    assert man["status"] == "complete" and man["resumes"][0]["from_step"] == 2
+    assert man["privacy"]["ledger_releases"] == 4 + 1  # step 3 redone from the step-2 checkpoint: counted twice
+    assert res.points[0]["verdict"] in ("consistent", "inconclusive", "violation")
+    assert json.loads((rd / "audit.json").read_text())["verdict"] == res.points[0]["verdict"]
+    assert man["base_model_fingerprint"] == model_folder_fingerprint(folder)
+    with pytest.raises(ValueError, match="^model_path: .*base_model_fingerprint"):
+        load_run(rd, model_path=other, data_path=data)

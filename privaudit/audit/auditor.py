@@ -1,10 +1,11 @@
 """Audit a run directory: attacks against the ledger's observer → empirical ε lower bounds → verdict.
 
 :func:`audit_run` reads a run (safetensors and JSON only, via :func:`privaudit.runs.load_run`),
-regenerates its data deterministically (``prepare_data``) and checks it against the run's
-``audit_key.json`` (the auditor's secret: which records and canaries were members), runs the attacks
-that fit the observer named in the ledger header, turns their scores into metrics and ε lower bounds,
-and writes ``audit.json`` with a verdict.
+regenerates its data deterministically (``prepare_data``; a run trained on a data file reads the
+file the *user* names, ``data_path``, never the manifest's path, and checks it against the recorded
+fingerprints) and checks it against the run's ``audit_key.json`` (the auditor's secret: which
+records and canaries were members), runs the attacks that fit the observer named in the ledger
+header, turns their scores into metrics and ε lower bounds, and writes ``audit.json`` with a verdict.
 
 Attacks for the observer ``released model`` (DP-SGD style mechanisms), all record-level with
 add/remove neighbours at the level of the attacked unit:
@@ -541,7 +542,7 @@ def _regenerate_data(run: "LoadedRun") -> "DataBundle":
     """The run's data, regenerated deterministically and checked against the manifest and audit key."""
     from privaudit.mechanisms.training import prepare_data
 
-    data = prepare_data(run.config)
+    data = run.data if run.data is not None else prepare_data(run.config)  # a user's file: already checked
     man = run.manifest.get("data", {})
     if man.get("train_fingerprint") not in (None, data.fingerprint):
         raise ValueError("data: the regenerated training set differs from the run's (fingerprint mismatch); "
@@ -638,7 +639,8 @@ def _population(data: "DataBundle", need_z: bool, max_records: int, seed: int
     return [members[i] for i in m_idx], [nonmembers[i] for i in nm_idx], population, z
 
 
-def _load(run_dir: str | Path, public_key: Any = None, model_path: str | Path | None = None) -> "LoadedRun":
+def _load(run_dir: str | Path, public_key: Any = None, model_path: str | Path | None = None,
+          data_path: str | Path | None = None) -> "LoadedRun":
     """:func:`privaudit.runs.load_run` (which refuses pickle-based files), with an unreadable
     safetensors file reported as a ``ValueError`` naming the run directory."""
     from safetensors import SafetensorError
@@ -646,7 +648,7 @@ def _load(run_dir: str | Path, public_key: Any = None, model_path: str | Path | 
     from privaudit.runs import load_run
 
     try:
-        return load_run(run_dir, public_key=public_key, model_path=model_path)
+        return load_run(run_dir, public_key=public_key, model_path=model_path, data_path=data_path)
     except SafetensorError as exc:
         raise ValueError(f"run_dir: {run_dir} holds a weights file that is not valid safetensors ({exc})") from None
 
@@ -689,6 +691,7 @@ def audit_run(
     _write: bool = True,
     public_key: Any = None,
     model_path: str | Path | None = None,
+    data_path: str | Path | None = None,
 ) -> AuditResult:
     """Audit the run in ``run_dir`` and write ``run_dir/audit.json`` (see the module docstring).
 
@@ -703,6 +706,9 @@ def audit_run(
     given): otherwise ``LedgerCorruptError`` naming the first bad line.
     ``model_path``: the base model's folder, when the run's model is neither bundled nor in the local
     HF cache (a manifest never chooses a folder itself; see :func:`privaudit.runs.load_run`).
+    ``data_path``: the run's data file, for a run trained on one (``data.source`` jsonl/csv/hf; the
+    manifest's path is never opened); it must match the fingerprints the run recorded, else a
+    ``ValueError`` naming the fingerprint. Synthetic data needs none.
     """
     from privaudit.runs import _write_json_atomic
 
@@ -712,7 +718,7 @@ def audit_run(
     prog = _Progress(progress)
     try:
         prog.log("loading the run")
-        run = _load(run_dir, public_key, model_path)
+        run = _load(run_dir, public_key, model_path, data_path)
         header = run.ledger.header
         observer = header.observer
         delta = header.target_delta if header.target_delta is not None else run.manifest.get("plan", {}).get("delta")
