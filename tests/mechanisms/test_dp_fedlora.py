@@ -247,8 +247,9 @@ def test_registered() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # randomness: a CSPRNG master key by default, per-(round, client) substreams; seeded on request
-SECURE_MODES = [
-    {"options": {"mode": "client_dp", "client_sampling": "poisson", "client_sample_secret": True}},
+SECURE_MODES = [  # secret Poisson schedule: 6 rounds, so that some client is sampled (1 − 2^-24)
+    {"options": {"mode": "client_dp", "client_sampling": "poisson", "client_sample_secret": True, "rounds": 6},
+     "training": {"steps": 1}},
     {"options": {"mode": "record_dp"}, "training": {"sampling": "poisson"}},
 ]
 
