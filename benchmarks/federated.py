@@ -32,6 +32,7 @@ Usage: ``python benchmarks/federated.py [--clients 10,100,1000] [--backends inpr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -163,7 +164,8 @@ def compare_noise(args: argparse.Namespace) -> list[dict[str, Any]]:
                 marks: list[float] = []
                 spent_at: list[float] = []
 
-                def mark(i: int, n: int, info: Any) -> None:
+                def mark(i: int, n: int, info: Any, marks: list[float] = marks, spent_at: list[float] = spent_at
+                         ) -> None:
                     marks.append(clock())
                     spent_at.append(spent[0])
 
@@ -173,8 +175,8 @@ def compare_noise(args: argparse.Namespace) -> list[dict[str, Any]]:
                     batches[src] = [b + s1 - s0 for b, s0, s1 in zip(batches[src], before, sampled)]
                 released = sum(v.numel() for k, v in res.released_state.items() if "base_layer" not in k)  # type: ignore[union-attr]
                 if rep:
-                    times[src] += [b - a for a, b in zip(marks, marks[1:])]
-                    rand_s[src] += [b - a for a, b in zip(spent_at, spent_at[1:])]
+                    times[src] += [b - a for a, b in itertools.pairwise(marks)]
+                    rand_s[src] += [b - a for a, b in itertools.pairwise(spent_at)]
         draw: dict[str, float] = {}
         for src, gen in (("secure", rng.SecureGenerator()), ("seeded", torch.Generator().manual_seed(0))):
             best = float("inf")

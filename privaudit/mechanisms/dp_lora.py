@@ -15,8 +15,9 @@ Each step (record-level privacy, add/remove neighbours unless the config says ``
 4. Gaussian noise N(0, σ²C²) is added to the clipped sum, which is divided by the *expected* batch size
    q·N (Poisson; the actual size would leak) or by B (fixed batches), and the optimizer steps.
 
-The noise and sampling RNGs are seeded from OS entropy unless ``privacy.noise_seed`` is set (tests):
-whoever knows that seed knows the batches and the noise.
+The noise and the sampling come from the CSPRNG of :mod:`.rng` unless ``privacy.noise_seed`` is set
+(tests: seeded torch/numpy generators, recorded as not secure): whoever knows that seed knows the
+batches and the noise.
 """
 
 from __future__ import annotations

@@ -411,7 +411,8 @@ def test_default_run_draws_a_noise_and_batches_from_the_csprng(tmp_path: Path,
                options={"a_secret": True, "sketch_stats_records": 0})
     seen = spy_generators(monkeypatch)
     rd = train(cfg, tmp_path / "run", progress=False).run_dir
-    assert Ledger.read(rd / "ledger.jsonl").header.noise_secure is True
+    header = Ledger.read(rd / "ledger.jsonl").header
+    assert header.noise_secure is True and header.model_extra["sketch_a"]["secret"] is True
     # A (gaussian_1_over_r: one randn per layer), the sampler, and the noise of every step
     assert len(seen) >= len(lora_layers(build_model(cfg, 2, torch.device("cpu"))[0])) + 1 + 3
     assert set(seen) == {"SecureGenerator"}
@@ -424,7 +425,9 @@ def test_seeded_run_is_reproducible_and_said_not_secure(tmp_path: Path) -> None:
     cfg = tiny(privacy={"noise_multiplier": 1.0}, training={"steps": 3},
                options={"a_secret": True, "a_seed": 11, "sketch_stats_records": 0})
     runs = [train(cfg, tmp_path / f"run{i}", progress=False).run_dir for i in range(2)]
-    assert Ledger.read(runs[0] / "ledger.jsonl").header.noise_secure is False
+    header = Ledger.read(runs[0] / "ledger.jsonl").header
+    assert header.noise_secure is False and header.model_extra["sketch_a"]["secret"] is False
+    assert "NOT secret" in header.model_extra["sketch_a"]["source"]
     a, b = (load_file(str(rd / "adapter.safetensors")) for rd in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -67,7 +67,7 @@ class RunSecret:
             raise ValueError("RunSecret: give exactly one of a master generator and a seed")
 
     @classmethod
-    def for_run(cls, noise_seed: int | None) -> "RunSecret":
+    def for_run(cls, noise_seed: int | None) -> RunSecret:
         """Seeded from ``privacy.noise_seed`` if set, else a fresh master key from ``os.urandom``."""
         return cls(seed=int(noise_seed)) if noise_seed is not None else cls(master=rng.SecureGenerator())
 
@@ -75,13 +75,13 @@ class RunSecret:
     def secure(self) -> bool:
         return self.master is not None
 
-    def noise(self, *parts: int) -> "rng.SecureGenerator | torch.Generator":
+    def noise(self, *parts: int) -> rng.SecureGenerator | torch.Generator:
         """A Gaussian-noise stream (draw with :func:`privaudit.mechanisms.rng.randn`)."""
         if self.master is not None:
             return rng.derive(self.master, *parts)
         return torch.Generator().manual_seed(derived_seed(self.seed, *parts))  # type: ignore[arg-type]
 
-    def sampling(self, *parts: int) -> "rng.SecureGenerator | np.random.Generator":
+    def sampling(self, *parts: int) -> rng.SecureGenerator | np.random.Generator:
         """A sampling stream (``random``, ``permutation``, ``choice`` without replacement)."""
         if self.master is not None:
             return rng.derive(self.master, *parts)
@@ -200,7 +200,7 @@ class ClientRuntime:
         return math.nan
 
 
-def paper_release(t: torch.Tensor, clip: float, z: float, gen: "rng.SecureGenerator | torch.Generator"
+def paper_release(t: torch.Tensor, clip: float, z: float, gen: rng.SecureGenerator | torch.Generator
                   ) -> torch.Tensor:
     """t·min(1, C/‖t‖_F) + N(0, (z·C)²) entry-wise (noise from ``gen``, either kind: :func:`rng.randn`)."""
     norm = float(t.norm())
@@ -209,7 +209,7 @@ def paper_release(t: torch.Tensor, clip: float, z: float, gen: "rng.SecureGenera
 
 
 def joint_clip_and_noise(delta: Mapping[str, torch.Tensor], clip: float, z: float,
-                         gen: "rng.SecureGenerator | torch.Generator") -> dict[str, torch.Tensor]:
+                         gen: rng.SecureGenerator | torch.Generator) -> dict[str, torch.Tensor]:
     """Clip the concatenation of all tensors to L2 norm C, then add N(0, (z·C)²) entry-wise (noise from
     ``gen``, either kind, tensors in ``delta``'s order)."""
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in delta.values()))

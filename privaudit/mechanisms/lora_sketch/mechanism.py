@@ -142,6 +142,21 @@ def planned_events(cfg: RunConfig, plan: PrivacyPlan) -> list[Event]:
     return events
 
 
+def ledger_header_extra(cfg: RunConfig) -> dict[str, Any]:
+    """Ledger-header field (runs hook) ``sketch_a``: whether A is secret and where it came from — the
+    header's ``noise_secure`` speaks of the noise and the sampling, this of A."""
+    s = settings_of(cfg)
+    if not s.a_secret:
+        source = "public: drawn from training.seed, released with B"
+    elif s.a_seed is not None:
+        source = "options.a_seed: reproducible by whoever holds the config, NOT secret"
+    else:
+        source = (f"csprng: AES-256-CTR keyed from a {A_SEED_BITS}-bit os-entropy seed held by the audit key "
+                  "and checkpoints only")
+    return {"sketch_a": {"secret": s.a_secret and s.a_seed is None, "distribution": cfg.lora.init_a,
+                         "source": source}}
+
+
 # --------------------------------------------------------------------------------------------------
 # A
 
@@ -485,6 +500,7 @@ __all__ = [
     "SketchTrainer",
     "check_config",
     "fit",
+    "ledger_header_extra",
     "planned_events",
     "score_sketch_canaries",
     "set_a",
