@@ -15,8 +15,9 @@ Each step (record-level privacy, add/remove neighbours unless the config says ``
 4. Gaussian noise N(0, σ²C²) is added to the clipped sum, which is divided by the *expected* batch size
    q·N (Poisson; the actual size would leak) or by B (fixed batches), and the optimizer steps.
 
-The noise and sampling RNGs are seeded from OS entropy unless ``privacy.noise_seed`` is set (tests):
-whoever knows that seed knows the batches and the noise.
+The noise and the sampling come from the CSPRNG of :mod:`.rng` unless ``privacy.noise_seed`` is set
+(tests: seeded torch/numpy generators, recorded as not secure): whoever knows that seed knows the
+batches and the noise.
 """
 
 from __future__ import annotations
@@ -190,11 +191,17 @@ def _derive_seeds(secret: int) -> tuple[int, int, int]:
 
 
 class DPLoraTrainer:
-    """The state of one DP-LoRA training run; :meth:`step` performs one private update."""
+    """The state of one DP-LoRA training run; :meth:`step` performs one private update.
+
+    Randomness (:mod:`.rng`): ``secret_seed`` (or ``privacy.noise_seed``) gives seeded, reproducible and
+    NOT secure generators; otherwise noise and sampling come from :class:`~.rng.SecureGenerator` s —
+    fresh keys from ``os.urandom``, or the substreams ``"noise"`` / ``"sampler"`` of
+    ``secret_stream``'s key when one is given."""
 
     def __init__(self, cfg: RunConfig, train_records: Sequence[Record], plan: PrivacyPlan, model: nn.Module,
                  tokenizer: Any, device: torch.device, *, ledger: Any = None, noise_factor: float = 1.0,
-                 secret_seed: int | None = None, canary_seed: int | None = None, world: World | None = None) -> None:
+                 secret_seed: int | None = None, canary_seed: int | None = None, world: World | None = None,
+                 secret_stream: rng.SecureGenerator | None = None) -> None:
         self.world = world if world is not None else World()
         self.cfg, self.plan, self.model, self.tokenizer, self.device = cfg, plan, model, tokenizer, device
         self.records = list(train_records)
@@ -211,8 +218,12 @@ class DPLoraTrainer:
         s_seed, n_seed, _ = _derive_seeds(secret)
         secure = secret_seed is None and cfg.privacy.noise_seed is None  # CSPRNG unless seeded (rng.py)
         self._sampler_seed = None if secure else s_seed  # None: the sampler draws from a CSPRNG
+        # secure + secret_stream: noise and sampling are substreams of that (secret) key, so a caller
+        # holding one master key (dp_fedlora: per round and client) gets reproducible, independent runs
+        self._secret_stream = secret_stream if secure else None
         self.clipped = True  # records' gradients are clipped to C (and so are the canaries')
-        self.noise_gen = rng.noise_generator(None if secure else n_seed, device)
+        self.noise_gen = (rng.derive(self._secret_stream, "noise") if self._secret_stream is not None
+                          else rng.noise_generator(None if secure else n_seed, device))
         self.canaries: GradientCanaries | None = None
         m = cfg.audit.gradient_canaries
         if m > 0:
@@ -245,6 +256,8 @@ class DPLoraTrainer:
         self.sampler = make_sampler(self.plan.sampling, len(self.records) + len(self.units),
                                     sample_rate=self.plan.sample_rate, batch_size=self.plan.batch_size,
                                     seed=self._sampler_seed)
+        if self._secret_stream is not None:  # a fresh copy of the keyed sampling substream
+            self.sampler.rng = rng.derive(self._secret_stream, "sampler")
         return self.sampler
 
     def add_canaries(self, total: dict[str, torch.Tensor], units: Sequence[tuple[str, int]]) -> int:

@@ -17,13 +17,16 @@ run directory.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = ["SecureGenerator", "noise_generator", "sampling_rng", "randn", "describe_noise_source",
            "SECURE_SOURCE", "SEEDED_SOURCE"]
@@ -31,9 +34,11 @@ __all__ = ["SecureGenerator", "noise_generator", "sampling_rng", "randn", "descr
 SECURE_SOURCE = "csprng: AES-256-CTR keystream keyed from os.urandom"
 SEEDED_SOURCE = "seeded from privacy.noise_seed: reproducible, NOT SECURE"
 PRNG_SOURCE = "torch/numpy PRNG seeded from OS entropy: not a CSPRNG"
-SECURE_MECHANISMS = frozenset({"dp_lora"})
+SECURE_MECHANISMS = frozenset({"dp_lora", "dp_fedlora", "lora_sketch", "he_lora"})
 """Mechanisms whose DP noise and secret sampling draw from :class:`SecureGenerator` (the DP-SGD
-loop of :class:`~privaudit.mechanisms.dp_lora.DPLoraTrainer`)."""
+loop of :class:`~privaudit.mechanisms.dp_lora.DPLoraTrainer`; DP-FedLoRA's per-(round, client)
+substreams of one master key, :func:`derive`; lora_sketch's secret A, :func:`keyed_generator`;
+HE-LoRA's owner-side sampling and noise)."""
 
 _BLOCK = 16
 _TWO_PI = 2.0 * math.pi
@@ -143,3 +148,49 @@ def describe_noise_source(noise_seed: int | None, mechanism: str | None = None) 
     if mechanism is not None and mechanism not in SECURE_MECHANISMS:
         return {"noise_source": PRNG_SOURCE, "noise_secure": False}
     return {"noise_source": SECURE_SOURCE, "noise_secure": True}
+
+
+# -- keyed substreams (csprng2): independent, reproducible streams under one secret master key -------
+__all__ += ["derive", "derive_key", "keyed_generator", "rand"]
+_DERIVE_INFO = b"privaudit.rng.derive/v1\x00"
+
+
+def _label(parts: Sequence[int | str]) -> bytes:
+    for p in parts:
+        if isinstance(p, bool) or not isinstance(p, (int, str)):
+            raise ValueError(f"derive: a substream label is made of ints and strings, got {p!r}")
+    return _DERIVE_INFO + json.dumps(list(parts), separators=(",", ":")).encode()
+
+
+def derive_key(key: bytes, *parts: int | str) -> bytes:
+    """The 32-byte key of substream ``parts`` (e.g. ``(round, client, "noise")``) under ``key``:
+    HKDF-SHA256 (RFC 5869) with ``key`` as input keying material and the JSON label of ``parts`` as
+    ``info``. Distinct labels give computationally independent keys; one label always the same key."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_label(parts)).derive(bytes(key))
+
+
+def derive(master: SecureGenerator, *parts: int | str) -> SecureGenerator:
+    """A fresh :class:`SecureGenerator` (counter 0) for substream ``parts`` of ``master``'s key.
+
+    Deterministic in (master key, parts) and independent of how far ``master`` itself has been read:
+    a run keeps one secret master generator and draws, say, round t / client k's noise from
+    ``derive(master, t, k, "noise")`` — clients need no shared state, any substream can be rebuilt
+    from the master key (resume, another process), and none reveals another or the master key."""
+    return SecureGenerator(key=derive_key(master._key, *parts))
+
+
+def keyed_generator(secret: int, *parts: int | str) -> SecureGenerator:
+    """A :class:`SecureGenerator` keyed from an integer secret (e.g. a 256-bit value from
+    ``secrets.randbits(256)`` kept in an audit key) by :func:`derive_key`. As secret as ``secret``: a
+    small or published integer makes a reproducible, NOT secure stream."""
+    return SecureGenerator(key=derive_key(str(int(secret)).encode(), *parts))
+
+
+def rand(*size: Any, generator: Any = None, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.rand`` (uniforms in [0, 1)) for either generator; the secure one gives 53-bit
+    uniforms in (0, 1)."""
+    if isinstance(generator, SecureGenerator):
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+        u = torch.from_numpy(np.asarray(generator.random(shape if shape else 1), dtype=np.float64)).reshape(shape)
+        return u.to(device=device or "cpu", dtype=dtype or torch.get_default_dtype())
+    return torch.rand(*size, generator=generator, device=device, dtype=dtype)

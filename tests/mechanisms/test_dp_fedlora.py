@@ -243,3 +243,91 @@ def test_calibrated_client_dp_meets_the_target() -> None:
 def test_registered() -> None:
     assert "dp_fedlora" in mechanism_names()
     assert get_mechanism("dp_fedlora").OBSERVER == "server"
+
+
+# ------------------------------------------------------------------------------------------------
+# randomness: a CSPRNG master key by default, per-(round, client) substreams; seeded on request
+SECURE_MODES = [  # secret Poisson schedule: 6 rounds, so that some client is sampled (1 − 2^-24)
+    {"options": {"mode": "client_dp", "client_sampling": "poisson", "client_sample_secret": True, "rounds": 6},
+     "training": {"steps": 1}},
+    {"options": {"mode": "record_dp"}, "training": {"sampling": "poisson"}},
+]
+
+
+@pytest.mark.parametrize("sections", SECURE_MODES)
+def test_default_run_draws_every_secret_from_the_csprng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        sections: dict[str, Any]) -> None:
+    from privaudit.mechanisms import rng
+    from privaudit.mechanisms.dp_fedlora import client as fed_client
+    from privaudit.runs import train
+    from tests.mechanisms.rng_spy import spy_generators
+
+    cfg = tiny(privacy={"noise_seed": None}, **sections)
+    labels: list[tuple[Any, ...]] = []
+    derive = rng.derive
+    monkeypatch.setattr(rng, "derive", lambda m, *p: (labels.append(p), derive(m, *p))[1])
+
+    def seeded(*_: Any) -> int:
+        raise AssertionError("a seeded stream was derived in a secure run")
+
+    monkeypatch.setattr(fed_client, "derived_seed", seeded)
+    seen = spy_generators(monkeypatch)
+    rd = train(cfg, tmp_path / "run", progress=False).run_dir
+    led = Ledger.read(rd / "ledger.jsonl")
+    assert led.header.noise_secure is True
+    assert seen and set(seen) == {"SecureGenerator"}  # noise and sampling: never torch's or numpy's PRNG
+    key = json.loads((rd / "audit_key.json").read_text())["federated"]
+    assert "csprng" in key["noise_seed"]
+    mode = cfg.options["mode"]
+    purpose = fed_client.RELEASE if mode == "client_dp" else fed_client.DP_SGD
+    want = {(rnd, c, purpose) for rnd, clients in enumerate(key["schedule"]) for c in clients}
+    assert want and want <= set(labels)  # one substream per (round, client) of the master key
+    if mode == "client_dp":
+        assert (fed_client.SCHEDULE,) in labels  # the secret schedule too
+    else:
+        assert ("noise",) in labels and ("sampler",) in labels  # DP-SGD's own substreams
+
+
+@pytest.mark.parametrize("sections", SECURE_MODES)
+def test_a_run_is_a_function_of_its_master_key_or_seed(monkeypatch: pytest.MonkeyPatch,
+                                                       sections: dict[str, Any]) -> None:
+    from privaudit.mechanisms import rng
+    from privaudit.mechanisms.dp_fedlora.client import RunSecret
+
+    cfg = tiny(privacy={"noise_seed": None}, data={"max_heldout": 2}, **sections)
+    data = prepare_data(cfg)
+    key = {"k": bytes(range(32))}
+    monkeypatch.setattr(RunSecret, "for_run",
+                        classmethod(lambda cls, seed: cls(master=rng.SecureGenerator(key=key["k"]))))
+
+    def run(c: Any) -> dict[str, torch.Tensor]:
+        return fit(c, data.train, data.heldout).released_state  # type: ignore[return-value]
+
+    a, b = run(cfg), run(cfg)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # same master key: the same releases
+    key["k"] = bytes(range(1, 33))
+    c = run(cfg)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    monkeypatch.undo()
+    seeded = tiny(data={"max_heldout": 2}, **sections)  # noise_seed 3: reproducible
+    s1, s2 = run(seeded), run(seeded)
+    assert all(torch.equal(s1[n], s2[n]) for n in s1)
+
+
+def test_run_secret_streams_are_distinct_per_round_and_client() -> None:
+    from privaudit.mechanisms import rng
+    from privaudit.mechanisms.dp_fedlora.client import RELEASE, RunSecret
+
+    master = rng.SecureGenerator()
+    secret = RunSecret(master=master)
+    draws = {(r, c): rng.randn(16, generator=secret.noise(r, c, RELEASE)) for r in range(3) for c in range(4)}
+    assert len({tuple(v.tolist()) for v in draws.values()}) == len(draws)
+    twin = RunSecret(master=rng.SecureGenerator(key=bytes.fromhex(master.state["key"])))
+    assert all(torch.equal(rng.randn(16, generator=twin.noise(r, c, RELEASE)), v) for (r, c), v in draws.items())
+    assert isinstance(secret.sampling(0, 0, 1), rng.SecureGenerator) and "secret_stream" in secret.dp_sgd(0, 0, 2)
+    seeded = RunSecret.for_run(3)
+    assert not seeded.secure and isinstance(seeded.noise(0, 0, RELEASE), torch.Generator)
+    assert isinstance(seeded.sampling(0, 0, 1), np.random.Generator) and "secret_seed" in seeded.dp_sgd(0, 0, 2)
+    assert RunSecret.for_run(None).secure
+    with pytest.raises(ValueError, match="exactly one"):
+        RunSecret()

@@ -83,12 +83,21 @@ def test_mode_trains_verifies_and_audits(tmp_path: Path, mode: str, two_threads:
 
 
 @pytest.mark.slow
-def test_flower_backend_writes_the_same_ledger(tmp_path: Path) -> None:
+@pytest.mark.parametrize("secret", ["seeded", "secure"])
+def test_flower_backend_writes_the_same_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
+    """Seeded (noise_seed 3), or secure with one master key for both backends: the Ray workers derive the
+    same per-(round, client) substreams from the pickled master as the in-process loop."""
+    from privaudit.mechanisms import rng
+    from privaudit.mechanisms.dp_fedlora.client import RunSecret
     from tests.mechanisms.test_dp_fedlora import tiny
 
+    if secret == "secure":
+        master = rng.SecureGenerator()
+        monkeypatch.setattr(RunSecret, "for_run", classmethod(lambda cls, seed: cls(master=master)))
     got: dict[str, Any] = {}
     for backend in ("inprocess", "flower"):
-        cfg = tiny(options={"backend": backend, "num_clients": 4, "rounds": 2})
+        cfg = tiny(options={"backend": backend, "num_clients": 4, "rounds": 2},
+                   privacy={"noise_seed": 3 if secret == "seeded" else None})
         data = prepare_data(cfg)
         path = tmp_path / f"{backend}.jsonl"
         with Ledger.create(path, mechanism="dp_fedlora") as ledger:
@@ -96,5 +105,5 @@ def test_flower_backend_writes_the_same_ledger(tmp_path: Path) -> None:
         assert verify_ledger(path).ok
         got[backend] = ([e.model_dump() for e in Ledger.read(path).events], res.released_state)
     assert got["flower"][0] == got["inprocess"][0] and got["flower"][0]
-    for k, v in got["inprocess"][1].items():  # same seeds: the same releases and the same model
+    for k, v in got["inprocess"][1].items():  # same seed / master key: the same releases and the same model
         assert float((v - got["flower"][1][k]).abs().max()) < 1e-5, k

@@ -522,3 +522,35 @@ def test_cli_he_worker_rejects_bad_port() -> None:
     proc = subprocess.run([sys.executable, "-m", "privaudit", "he-worker", "--port", "70000"],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2 and "port" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# owner-side randomness: the CSPRNG unless seeded
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("private", [False, True])
+def test_default_run_samples_and_noises_from_the_csprng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        private: bool) -> None:
+    from privaudit.config import config_to_dict
+    from privaudit.runs import train
+    from tests.mechanisms.rng_spy import spy_generators
+
+    d = config_to_dict(_cfg("simulate", steps=2, private=private, max_length=8))
+    d["privacy"]["noise_seed"] = None
+    cfg = parse_config(d)
+    seen = spy_generators(monkeypatch)
+    rd = train(cfg, tmp_path / "run", progress=False).run_dir
+    assert Ledger.read(rd / "ledger.jsonl").header.noise_secure is True
+    # the sampler (both runs) and one noise draw per step (private): never torch's or numpy's PRNG
+    assert len(seen) >= (3 if private else 1) and set(seen) == {"SecureGenerator"}
+
+
+def test_seeded_run_is_reproducible_and_said_not_secure(tmp_path: Path) -> None:
+    from privaudit.runs import train
+
+    cfg = _cfg("simulate", steps=2, private=True, max_length=8)  # noise_seed 1
+    runs = [train(cfg, tmp_path / f"run{i}", progress=False).run_dir for i in range(2)]
+    assert Ledger.read(runs[0] / "ledger.jsonl").header.noise_secure is False
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(rd / "adapter.safetensors")) for rd in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

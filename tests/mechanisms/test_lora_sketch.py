@@ -397,3 +397,91 @@ def test_rank_study_table(tmp_path: Path) -> None:
     assert "AUC sketch_canaries_one_run" in res.table and (tmp_path / "study" / "rank_study.png").exists()
     again = rank_study.run_rank_study(base, [2, 8], tmp_path / "study", spec=spec, report=False)  # resumes: no retraining
     assert again.rows == res.rows
+
+
+# ------------------------------------------------------------------------------------------------
+# randomness: the secret A, the noise and the sampling from the CSPRNG unless seeded
+
+
+def test_default_run_draws_a_noise_and_batches_from_the_csprng(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.mechanisms.rng_spy import spy_generators
+
+    cfg = tiny(privacy={"noise_multiplier": 1.0, "noise_seed": None}, training={"steps": 3},
+               options={"a_secret": True, "sketch_stats_records": 0})
+    seen = spy_generators(monkeypatch)
+    rd = train(cfg, tmp_path / "run", progress=False).run_dir
+    header = Ledger.read(rd / "ledger.jsonl").header
+    assert header.noise_secure is True and header.model_extra["sketch_a"]["secret"] is True
+    # A (gaussian_1_over_r: one randn per layer), the sampler, and the noise of every step
+    assert len(seen) >= len(lora_layers(build_model(cfg, 2, torch.device("cpu"))[0])) + 1 + 3
+    assert set(seen) == {"SecureGenerator"}
+    monkeypatch.undo()
+    seed = int(json.loads((rd / "audit_key.json").read_text())["sketch"]["a_seed"])
+    assert seed.bit_length() > 128  # 256 bits of OS entropy key A's stream
+
+
+def test_seeded_run_is_reproducible_and_said_not_secure(tmp_path: Path) -> None:
+    cfg = tiny(privacy={"noise_multiplier": 1.0}, training={"steps": 3},
+               options={"a_secret": True, "a_seed": 11, "sketch_stats_records": 0})
+    runs = [train(cfg, tmp_path / f"run{i}", progress=False).run_dir for i in range(2)]
+    header = Ledger.read(runs[0] / "ledger.jsonl").header
+    assert header.noise_secure is False and header.model_extra["sketch_a"]["secret"] is False
+    assert "NOT secret" in header.model_extra["sketch_a"]["source"]
+    a, b = (load_file(str(rd / "adapter.safetensors")) for rd in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("init_a", ["gaussian_1_over_r", "peft_default"])
+def test_secret_a_is_keyed_by_its_seed(init_a: str) -> None:
+    from privaudit.mechanisms import rng
+    from privaudit.mechanisms.lora_sketch.sketch_stats import draw_a
+
+    cfg = tiny(lora={"init_a": init_a})
+    model, _ = build_model(cfg, 2, torch.device("cpu"))
+    ls.set_a(model, init_a, 2**200 + 5)
+    gen = rng.keyed_generator(2**200 + 5, "lora_sketch.A")
+    for lay in lora_layers(model):  # one AES-CTR stream, layers in order
+        assert torch.equal(lay.a.detach().cpu(), draw_a(init_a, lay.rank, lay.in_features, gen))
+    other, _ = build_model(cfg, 2, torch.device("cpu"))
+    ls.set_a(other, init_a, 2**200 + 6)
+    assert not bitwise_equal(a_of(model), a_of(other))
+
+
+def test_resume_continues_the_secret_noise_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crash after step 4 of a secure DP run, resume: the adapter equals an uninterrupted run whose
+    keys are the same (os.urandom pinned per process), so the resumed run continued the checkpoint's
+    noise and sampling streams where they stood (a restart of the streams would differ)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from privaudit.mechanisms import rng
+
+    def pin_urandom() -> None:  # rng's key source only (rng.os is this module's handle on os)
+        calls = iter(range(10**6))
+        pinned = SimpleNamespace(urandom=lambda n: hashlib.sha256(str(next(calls)).encode()).digest()[:n])
+        monkeypatch.setattr(rng, "os", pinned)
+
+    cfg = tiny(privacy={"noise_multiplier": 1.0, "noise_seed": None},
+               training={"steps": 6, "checkpoint_every": 2, "batch_size": 4}, options={"sketch_stats_records": 0})
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_4(step: int, total: int, info: dict[str, Any]) -> None:
+        if step == 4:
+            raise Crash
+
+    pin_urandom()
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "run", progress=crash_at_4)
+    holders = {p.relative_to(tmp_path / "run").parts[0] for p in (tmp_path / "run").rglob("*")
+               if p.is_file() and b"aes-256-ctr" in p.read_bytes()}
+    assert holders and all("checkpoint" in h for h in holders), holders  # the keys live in checkpoints only
+    pin_urandom()
+    got = load_file(str(train(None, tmp_path / "run", resume=True, progress=False).run_dir / "adapter.safetensors"))
+    pin_urandom()
+    want = load_file(str(train(cfg, tmp_path / "ref", progress=False).run_dir / "adapter.safetensors"))
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)

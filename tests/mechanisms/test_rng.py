@@ -66,3 +66,50 @@ def test_seeded_state_cannot_be_loaded_into_a_secure_sampler() -> None:
     state = PoissonSampler(30, 0.5, seed=1).state_dict()
     with pytest.raises(ValueError, match="aes-256-ctr"):
         PoissonSampler(30, 0.5).load_state_dict(state)
+
+
+# -- keyed substreams ------------------------------------------------------------------------------
+def _hkdf_sha256(ikm: bytes, info: bytes) -> bytes:
+    """RFC 5869 by hand (no salt: 32 zero bytes; one output block)."""
+    import hashlib
+    import hmac
+
+    prk = hmac.new(bytes(32), ikm, hashlib.sha256).digest()
+    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+
+
+def test_derived_substreams_are_distinct_per_label_and_deterministic_for_a_key() -> None:
+    master = rng.SecureGenerator()
+    labels = [(r, c, "noise") for r in range(3) for c in range(4)] + [(12, 3), (1, 23), ("1", 23)]
+    keys = [rng.derive(master, *lab).state["key"] for lab in labels]
+    assert len(set(keys)) == len(labels)  # every (round, client, purpose) its own stream
+    first = [rng.derive(master, 2, 1, "noise").randn(64)]
+    master.randn(1000)  # reading the master does not move its substreams
+    twin = rng.SecureGenerator(key=bytes.fromhex(master.state["key"]))
+    assert torch.equal(rng.derive(twin, 2, 1, "noise").randn(64), first[0])
+    assert not torch.equal(rng.derive(rng.SecureGenerator(), 2, 1, "noise").randn(64), first[0])
+    # HKDF-SHA256 as documented, with the JSON label as info
+    key = bytes.fromhex(master.state["key"])
+    assert rng.derive_key(key, 2, 1, "noise") == _hkdf_sha256(key, b'privaudit.rng.derive/v1\x00[2,1,"noise"]')
+    assert rng.derive(master, 0).state["counter"] == 0
+    with pytest.raises(ValueError, match="derive"):
+        rng.derive(master, 1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="derive"):
+        rng.derive(master, True)
+
+
+def test_keyed_generator_and_uniforms() -> None:
+    a, b = rng.keyed_generator(5, "x"), rng.keyed_generator(5, "x")
+    assert torch.equal(rng.rand(3, 4, generator=a), rng.rand((3, 4), generator=b))
+    assert not torch.equal(rng.keyed_generator(6, "x").randn(8), rng.keyed_generator(5, "x").randn(8))
+    assert not torch.equal(rng.keyed_generator(5, "y").randn(8), rng.keyed_generator(5, "x").randn(8))
+    u = rng.rand(20_000, generator=rng.SecureGenerator(), dtype=torch.float64)
+    assert u.shape == (20_000,) and float(u.min()) > 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    seeded = torch.Generator().manual_seed(1)
+    assert torch.equal(rng.rand(5, generator=seeded), torch.rand(5, generator=torch.Generator().manual_seed(1)))
+
+
+def test_the_switched_mechanisms_say_secure_unless_seeded() -> None:
+    for mech in ("dp_fedlora", "lora_sketch", "he_lora"):
+        assert rng.describe_noise_source(None, mech) == {"noise_source": rng.SECURE_SOURCE, "noise_secure": True}
+        assert rng.describe_noise_source(0, mech)["noise_secure"] is False

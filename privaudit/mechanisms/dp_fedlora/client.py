@@ -7,8 +7,13 @@
 * ``record_dp``: DP-SGD (:class:`privaudit.mechanisms.dp_lora.DPLoraTrainer`, Poisson q = B/|D_i|)
   for the local steps; the result is released as is (absolute values).
 
-Every random draw (local batches, DP-SGD sampling and noise, release noise) comes from generators
-seeded by (secret, round, client): the in-process loop and Flower give the same releases.
+Every random draw (local batches, DP-SGD sampling and noise, release noise) comes from a stream
+named by (round, client, purpose) under the run's secret (:class:`RunSecret`): by default a substream
+(:func:`privaudit.mechanisms.rng.derive`, HKDF-SHA256 → AES-256-CTR) of one master
+:class:`~privaudit.mechanisms.rng.SecureGenerator` keyed from ``os.urandom``; with
+``privacy.noise_seed`` torch's / numpy's generators seeded by (seed, round, client, purpose) —
+reproducible, NOT secure. Either way the streams are deterministic in the run's secret, independent
+across clients and rounds, and the in-process loop and Flower give the same releases.
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ import torch
 
 from privaudit.config import PrivacyPlan, RunConfig
 from privaudit.data import Record
+from privaudit.mechanisms import rng
 from privaudit.mechanisms.dp_fedlora.plan import FedLoraOptions, FedLoraPlan, TensorSpec
+
+# purposes of the per-(round, client) streams (also the seeded path's derivation tags: unchanged)
+RELEASE, LOCAL, DP_SGD, SCHEDULE = 0x52454C, 0x4C4F43, 0x445053, 0x534543
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,49 @@ def derived_seed(secret: int, *parts: int) -> int:
     return int(words[0] >> np.uint64(1))
 
 
+@dataclass(frozen=True)
+class RunSecret:
+    """A federated run's secret randomness: ``master`` (a :class:`~privaudit.mechanisms.rng.
+    SecureGenerator`; the default, secure) or ``seed`` (``privacy.noise_seed``: reproducible, NOT
+    secure). Streams are named by integers, e.g. ``(round, client, RELEASE)``; the master is never read
+    itself, only its substreams (:func:`privaudit.mechanisms.rng.derive`)."""
+
+    master: rng.SecureGenerator | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.master is None) == (self.seed is None):
+            raise ValueError("RunSecret: give exactly one of a master generator and a seed")
+
+    @classmethod
+    def for_run(cls, noise_seed: int | None) -> RunSecret:
+        """Seeded from ``privacy.noise_seed`` if set, else a fresh master key from ``os.urandom``."""
+        return cls(seed=int(noise_seed)) if noise_seed is not None else cls(master=rng.SecureGenerator())
+
+    @property
+    def secure(self) -> bool:
+        return self.master is not None
+
+    def noise(self, *parts: int) -> rng.SecureGenerator | torch.Generator:
+        """A Gaussian-noise stream (draw with :func:`privaudit.mechanisms.rng.randn`)."""
+        if self.master is not None:
+            return rng.derive(self.master, *parts)
+        return torch.Generator().manual_seed(derived_seed(self.seed, *parts))  # type: ignore[arg-type]
+
+    def sampling(self, *parts: int) -> rng.SecureGenerator | np.random.Generator:
+        """A sampling stream (``random``, ``permutation``, ``choice`` without replacement)."""
+        if self.master is not None:
+            return rng.derive(self.master, *parts)
+        return np.random.default_rng(derived_seed(self.seed, *parts))  # type: ignore[arg-type]
+
+    def dp_sgd(self, *parts: int) -> dict[str, Any]:
+        """Keyword arguments for :class:`~privaudit.mechanisms.dp_lora.DPLoraTrainer` whose noise and
+        sampling are stream ``parts``."""
+        if self.master is not None:
+            return {"secret_stream": rng.derive(self.master, *parts)}
+        return {"secret_seed": derived_seed(self.seed, *parts)}  # type: ignore[arg-type]
+
+
 def set_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     from privaudit.models import load_trainable_state_dict
 
@@ -53,7 +105,7 @@ class ClientRuntime:
     """Trains clients on one model object (in-process, or inside one Flower ClientApp worker)."""
 
     def __init__(self, cfg: RunConfig, opts: FedLoraOptions, plan: FedLoraPlan, records: Sequence[Record],
-                 partition: Sequence[Sequence[int]], secret: int, num_labels: int) -> None:
+                 partition: Sequence[Sequence[int]], secret: RunSecret, num_labels: int) -> None:
         self.cfg, self.opts, self.plan = cfg, opts, plan
         self.records = list(records)
         self.partition = [list(p) for p in partition]
@@ -92,7 +144,7 @@ class ClientRuntime:
         else:
             loss = self._local_sgd(recs, client, rnd)
         local = {n: p.detach().to("cpu", torch.float32).clone() for n, p in trainable_parameters(self.model)}
-        gen = torch.Generator().manual_seed(derived_seed(self.secret, rnd, client, 0x52454C))
+        gen = self.secret.noise(rnd, client, RELEASE)
         if self.plan.mode == "paper":
             out = {n: paper_release(t, self.plan.clips[TensorSpec(n, ()).group], self.plan.noise_multiplier, gen)
                    for n, t in local.items()}
@@ -111,15 +163,15 @@ class ClientRuntime:
         assert self.model is not None
         params = [p for _, p in trainable_parameters(self.model)]
         opt = make_optimizer(params, self.cfg)
-        rng = np.random.default_rng(derived_seed(self.secret, rnd, client, 0x4C4F43))
+        order_rng = self.secret.sampling(rnd, client, LOCAL)
         b = min(int(self.cfg.training.batch_size or 1), len(recs))
         self.model.train()
         losses: list[float] = []
-        order = rng.permutation(len(recs))
+        order = order_rng.permutation(len(recs))
         pos = 0
         for _ in range(int(self.cfg.training.steps or 0)):
             if pos + b > len(order):
-                order, pos = rng.permutation(len(recs)), 0
+                order, pos = order_rng.permutation(len(recs)), 0
             batch = encode(self.tokenizer, [recs[int(i)] for i in order[pos:pos + b]], self.cfg, self.device)
             pos += b
             loss = per_sample_losses(self.model, batch, self.cfg.task).mean()
@@ -139,7 +191,7 @@ class ClientRuntime:
         plan = PrivacyPlan(self.plan.noise_multiplier, q, int(self.cfg.training.steps or 0), "poisson", None,
                            len(recs), self.plan.clip_norm, self.plan.delta, self.plan.neighbouring)
         trainer = DPLoraTrainer(self.local_cfg, recs, plan, self.model, self.tokenizer, self.device, ledger=None,
-                                secret_seed=derived_seed(self.secret, rnd, client, 0x445053))
+                                **self.secret.dp_sgd(rnd, client, DP_SGD))
         try:
             while trainer.step_count < plan.steps:
                 trainer.step()
@@ -148,16 +200,18 @@ class ClientRuntime:
         return math.nan
 
 
-def paper_release(t: torch.Tensor, clip: float, z: float, gen: torch.Generator) -> torch.Tensor:
-    """t·min(1, C/‖t‖_F) + N(0, (z·C)²) entry-wise."""
+def paper_release(t: torch.Tensor, clip: float, z: float, gen: rng.SecureGenerator | torch.Generator
+                  ) -> torch.Tensor:
+    """t·min(1, C/‖t‖_F) + N(0, (z·C)²) entry-wise (noise from ``gen``, either kind: :func:`rng.randn`)."""
     norm = float(t.norm())
     out = t * min(1.0, clip / norm) if norm > 0 else t.clone()
-    return out + torch.randn(t.shape, generator=gen, dtype=t.dtype) * (z * clip)
+    return out + rng.randn(t.shape, generator=gen, dtype=t.dtype) * (z * clip)
 
 
 def joint_clip_and_noise(delta: Mapping[str, torch.Tensor], clip: float, z: float,
-                         gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Clip the concatenation of all tensors to L2 norm C, then add N(0, (z·C)²) entry-wise."""
+                         gen: rng.SecureGenerator | torch.Generator) -> dict[str, torch.Tensor]:
+    """Clip the concatenation of all tensors to L2 norm C, then add N(0, (z·C)²) entry-wise (noise from
+    ``gen``, either kind, tensors in ``delta``'s order)."""
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in delta.values()))
     f = min(1.0, clip / norm) if norm > 0 else 1.0
-    return {n: v * f + torch.randn(v.shape, generator=gen, dtype=v.dtype) * (z * clip) for n, v in delta.items()}
+    return {n: v * f + rng.randn(v.shape, generator=gen, dtype=v.dtype) * (z * clip) for n, v in delta.items()}

@@ -245,7 +245,9 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     ``heldout_records``. Appends the claim (paper mode) and every round's events to ``ledger`` ahead of
     the releases. No checkpoints: an interrupted run cannot resume (its ledger keeps what was spent)."""
     from privaudit.mechanisms.dp_fedlora.client import (
+        SCHEDULE,
         ClientRuntime,
+        RunSecret,
         derived_seed,
         set_state,
     )
@@ -255,7 +257,6 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
         ServerView,
         run_rounds,
     )
-    from privaudit.mechanisms.sampling import fresh_seed
     from privaudit.mechanisms.training import build_model, evaluate
     from privaudit.models import resolve_device, trainable_state_dict
 
@@ -271,10 +272,11 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     if fplan.dataset_size != len(train_records):
         raise ValueError(f"plan: made for {fplan.dataset_size} records, got {len(train_records)}")
     partition = make_partition(opts, train_records)
-    secret = cfg.privacy.noise_seed if cfg.privacy.noise_seed is not None else fresh_seed()
+    secret = RunSecret.for_run(cfg.privacy.noise_seed)  # a CSPRNG master key unless seeded
     schedule = ([list(s) for s in fplan.schedule] if fplan.schedule is not None else
                 client_schedule(opts.num_clients, opts.clients_per_round, opts.rounds, "poisson",
-                                derived_seed(secret, 0x534543)))
+                                None if secret.secure else derived_seed(secret.seed, SCHEDULE),  # type: ignore[arg-type]
+                                generator=secret.sampling(SCHEDULE) if secret.secure else None))
     device = resolve_device(cfg.model.device)
     model, tok = build_model(cfg, num_labels, device)
     theta_0 = trainable_state_dict(model)
@@ -320,7 +322,8 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
         "partition": [[train_records[i].id for i in p] for p in partition],
         "partition_seed": opts.partition_seed, "schedule": schedule,
         "schedule_seed": None if opts.client_sample_secret else opts.schedule_seed,
-        "noise_seed": "config" if cfg.privacy.noise_seed is not None else "os entropy (not kept)",
+        "noise_seed": "config" if cfg.privacy.noise_seed is not None else
+                      "csprng: AES-256-CTR master key from os.urandom (not kept)",
     }}
     return FitResult(model, tok, metrics, fplan, theta_0, None, {k: v.contiguous() for k, v in final.items()},
                      key_extra, run_files, steps_done=len(schedule))

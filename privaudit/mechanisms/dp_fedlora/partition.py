@@ -2,13 +2,14 @@
 
 Both are deterministic functions of public seeds (``options.partition_seed``,
 ``options.schedule_seed``): the server knows who holds how many records and whom it sampled. The one
-exception is ``client_sample_secret``: the Poisson schedule is drawn from the run's secret noise seed
-(the server still sees it: it receives each release under the client's id).
+exception is ``client_sample_secret``: the Poisson schedule is drawn from the run's secret (a CSPRNG
+substream of its master key, or the noise seed when one is set; the server still sees it: it receives
+each release under the client's id).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -46,12 +47,17 @@ def dirichlet_partition(labels: Sequence[int], num_clients: int, alpha: float, s
 
 
 def client_schedule(num_clients: int, per_round: int, rounds: int, sampling: Literal["fixed", "poisson"],
-                    seed: int) -> list[list[int]]:
+                    seed: int | None, generator: Any = None) -> list[list[int]]:
     """The clients sampled in each round: ``fixed`` = ``per_round`` distinct clients uniformly at random;
-    ``poisson`` = each client independently with probability ``per_round / num_clients``."""
+    ``poisson`` = each client independently with probability ``per_round / num_clients``. Drawn from
+    ``generator`` if given (a secret schedule: a :class:`privaudit.mechanisms.rng.SecureGenerator`),
+    else from numpy's PCG64 seeded by ``seed`` (a public schedule)."""
     if per_round > num_clients:
         raise ValueError(f"options.clients_per_round: {per_round} exceeds options.num_clients {num_clients}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & (2**63 - 1), 0x5343484544]))
+    if generator is None and seed is None:
+        raise ValueError("client_schedule: give a seed or a generator")
+    rng = generator if generator is not None else np.random.default_rng(
+        np.random.SeedSequence([int(seed) & (2**63 - 1), 0x5343484544]))  # type: ignore[arg-type]
     out: list[list[int]] = []
     for _ in range(rounds):
         if sampling == "fixed":

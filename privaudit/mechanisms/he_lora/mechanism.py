@@ -23,6 +23,12 @@ record) a ``PlaintextEvent`` records that batch shapes reach the worker — no f
 Against whoever receives the released adapter there is no guarantee unless DP noise is enabled
 (``privacy.noise_multiplier > 0``): then dp_lora's per-sample clipping and Gaussian noise run on the
 owner's side and its Gaussian events are appended too. Timing side channels are not accounted.
+
+Randomness on the owner's side (:mod:`privaudit.mechanisms.rng`): batch sampling and the DP noise come
+from the CSPRNG (AES-256-CTR keyed from ``os.urandom``) unless ``privacy.noise_seed`` is set (seeded:
+reproducible, ``noise_secure: false`` in the ledger header). Out of scope here: the randomness of the
+encryption itself (GLWE key generation and encryption noise), which the HE library draws from its own
+generator; dropout, if the model has any, uses torch's global generator (it is no DP noise).
 """
 
 from __future__ import annotations
@@ -525,7 +531,8 @@ def _encode(tokenizer: Any, records: Sequence[Record], cfg: RunConfig, settings:
 # trainers
 # ----------------------------------------------------------------------------------------------
 class _PlainTrainer:
-    """Non-private HE-LoRA: mean loss over the batch, optimizer step (no clipping, no noise)."""
+    """Non-private HE-LoRA: mean loss over the batch, optimizer step (no clipping, no noise). ``seed``:
+    the sampler's (None: a CSPRNG)."""
 
     def __init__(self, cfg: RunConfig, records: Sequence[Record], plan: PrivacyPlan, model: nn.Module,
                  tokenizer: Any, device: torch.device, session: HELoraSession, seed: int | None) -> None:
@@ -766,8 +773,8 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
             trainer = _dp_trainer_class()(cfg, train_records, plan, model, tok, device, ledger=ledger)
             trainer.session = session
         else:
-            seed = cfg.privacy.noise_seed if cfg.privacy.noise_seed is not None else cfg.training.seed
-            trainer = _PlainTrainer(cfg, train_records, plan, model, tok, device, session, seed)
+            # batch sampling: a CSPRNG unless privacy.noise_seed is set (rng.sampling_rng)
+            trainer = _PlainTrainer(cfg, train_records, plan, model, tok, device, session, cfg.privacy.noise_seed)
         start = time.perf_counter()
         run_steps(trainer.step, trainer.step_count, plan.steps, checkpointer=checkpointer if plan.private else None,
                   save=lambda _: trainer.save(checkpointer, theta_0), progress=progress, save_final=True)

@@ -8,12 +8,16 @@ What is trained and released (record-level, add/remove neighbours unless ``priva
   init. With SGD, B's gradient is s·G·Aᵀ and W moves by −η·s²·G·AᵀA (:mod:`.sketch_stats`); Adam
   rescales each coordinate, so that algebra no longer holds (the optimizer is recorded).
 * ``options.a_secret: false`` (default): A is drawn from ``training.seed`` (public, like any LoRA init)
-  and written to ``adapter.safetensors`` with B. ``true``: A is drawn from a secret seed
-  (``options.a_seed``, tests only; by default OS entropy), kept only in ``audit_key.json`` (the
+  and written to ``adapter.safetensors`` with B. ``true``: A is drawn from a CSPRNG (AES-256-CTR,
+  :func:`set_a`) keyed by a secret seed (by default 256 bits of OS entropy; ``options.a_seed``, tests
+  only, makes it reproducible and not secret), kept only in ``audit_key.json`` (the
   auditor's secret) and the secret checkpoint state, never in the released adapter, which holds B
   and the head. The auditor then attacks *without* A: black-box attacks run the released B with a
   substitute A drawn from the public seed (an independent draw: what an observer without A can do),
   and the sketch canaries are scored by an A-free statistic.
+* Randomness: the secret A, the DP noise and the batch sampling come from :mod:`privaudit.mechanisms.rng`'s
+  CSPRNG unless ``privacy.noise_seed`` is set (seeded: reproducible, ``noise_secure: false`` in the
+  ledger header); the audit's canary coins and directions are drawn from their own seeds (audit keys).
 * Noise: ``privacy.noise_multiplier = 0`` — ordinary mini-batch training of B (no clipping, no noise;
   ``options.clip_without_noise: true`` clips each record's gradient to C first, i.e. DP-SGD without
   noise — the per-record rescaling keeps the sketch algebra). σ > 0 (or ``target_epsilon``) — DP-SGD on
@@ -42,6 +46,7 @@ evaluated with their own A, which an observer without A cannot do: use them for 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -53,6 +58,7 @@ from torch import nn
 from privaudit.config import PrivacyPlan, RunConfig, parse_options
 from privaudit.data import Record
 from privaudit.ledger.events import Event, SketchEvent
+from privaudit.mechanisms import rng
 from privaudit.mechanisms.dp_lora import DPLoraTrainer, FitResult, step_event
 from privaudit.mechanisms.lora_sketch.sketch_stats import (
     A_DISTRIBUTION_LABELS,
@@ -136,6 +142,21 @@ def planned_events(cfg: RunConfig, plan: PrivacyPlan) -> list[Event]:
     return events
 
 
+def ledger_header_extra(cfg: RunConfig) -> dict[str, Any]:
+    """Ledger-header field (runs hook) ``sketch_a``: whether A is secret and where it came from — the
+    header's ``noise_secure`` speaks of the noise and the sampling, this of A."""
+    s = settings_of(cfg)
+    if not s.a_secret:
+        source = "public: drawn from training.seed, released with B"
+    elif s.a_seed is not None:
+        source = "options.a_seed: reproducible by whoever holds the config, NOT secret"
+    else:
+        source = (f"csprng: AES-256-CTR keyed from a {A_SEED_BITS}-bit os-entropy seed held by the audit key "
+                  "and checkpoints only")
+    return {"sketch_a": {"secret": s.a_secret and s.a_seed is None, "distribution": cfg.lora.init_a,
+                         "source": source}}
+
+
 # --------------------------------------------------------------------------------------------------
 # A
 
@@ -145,10 +166,21 @@ def _seed63(*parts: int) -> int:
     return int(words[0] >> np.uint64(1))
 
 
+A_SEED_BITS = 256  # a secret A's seed: the AES-256 key of its CSPRNG stream is derived from it
+
+
+def fresh_a_seed() -> int:
+    """A secret A's seed: 256 bits from the operating system's CSPRNG (:mod:`secrets`)."""
+    return secrets.randbits(A_SEED_BITS)
+
+
 def set_a(model: nn.Module, distribution: str, seed: int) -> None:
-    """Overwrite every LoRA A (sorted by layer name) with a fresh draw from ``distribution`` seeded by
-    ``seed`` (a secret A). B and everything else are untouched."""
-    gen = torch.Generator().manual_seed(_seed63(seed, 0x41))
+    """Overwrite every LoRA A (sorted by layer name) with a fresh draw from ``distribution`` keyed by
+    ``seed`` (a secret A): one AES-256-CTR stream (:func:`privaudit.mechanisms.rng.keyed_generator`,
+    HKDF-SHA256 of the seed), layers in order. As secret as the seed: :func:`fresh_a_seed` by default;
+    a seed from the config (``options.a_seed``, tests) makes A reproducible by whoever holds it. B and
+    everything else are untouched."""
+    gen = rng.keyed_generator(int(seed), "lora_sketch.A")
     with torch.no_grad():
         for lay in lora_layers(model):
             a = lay.a
@@ -270,9 +302,9 @@ class SketchTrainer(DPLoraTrainer):
     def __init__(self, cfg: RunConfig, train_records: Sequence[Record], plan: PrivacyPlan, model: nn.Module,
                  tokenizer: Any, device: torch.device, *, ledger: Any = None, settings: SketchSettings,
                  a_seed: int | None = None, noise_factor: float = 1.0) -> None:
-        secret = cfg.privacy.noise_seed if cfg.privacy.noise_seed is not None else fresh_seed()
+        # noise and sampling: dp_lora's generators (a CSPRNG unless privacy.noise_seed is set)
         super().__init__(cfg, train_records, plan, model, tokenizer, device,
-                         ledger=ledger if plan.private else None, noise_factor=noise_factor, secret_seed=secret)
+                         ledger=ledger if plan.private else None, noise_factor=noise_factor)
         self.clipped = plan.private or settings.clip_without_noise
         if not self.clipped:
             self.psg.enabled = False  # plain gradients: no per-sample capture
@@ -397,7 +429,7 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     model, tok = build_model(cfg, num_labels, device)
     a_seed: int | None = None
     if settings.a_secret:
-        a_seed = settings.a_seed if settings.a_seed is not None else fresh_seed()
+        a_seed = settings.a_seed if settings.a_seed is not None else fresh_a_seed()
         set_a(model, cfg.lora.init_a, a_seed)
     theta_0 = trainable_state_dict(model)
     trainer = SketchTrainer(cfg, train_records, plan, model, tok, device, ledger=ledger, settings=settings,
@@ -468,6 +500,7 @@ __all__ = [
     "SketchTrainer",
     "check_config",
     "fit",
+    "ledger_header_extra",
     "planned_events",
     "score_sketch_canaries",
     "set_a",

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from privaudit.mechanisms import rng
+
 if TYPE_CHECKING:
     from privaudit.config import RunConfig
     from privaudit.data import Record
@@ -82,17 +84,18 @@ def expected_sketch_noise(grad_sq_norm: float, distribution: str, rank: int, fan
     return expected_relative_sketch_noise(distribution, rank, fan_in) * c * c * float(grad_sq_norm)
 
 
-def draw_a(distribution: str, rank: int, fan_in: int, generator: torch.Generator, *,
+def draw_a(distribution: str, rank: int, fan_in: int, generator: Any, *,
            draws: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A (r × n) with i.i.d. entries of ``distribution`` (float32 CPU draws from ``generator``, cast to
-    ``dtype``); ``draws`` = k gives a stack (k, r, n)."""
+    """A (r × n) with i.i.d. entries of ``distribution`` (float32 CPU draws from ``generator``: a
+    ``torch.Generator`` or a :class:`privaudit.mechanisms.rng.SecureGenerator`, cast to ``dtype``);
+    ``draws`` = k gives a stack (k, r, n)."""
     _check(distribution, rank, fan_in)
     shape = (rank, fan_in) if draws is None else (int(draws), rank, fan_in)
     if distribution == "gaussian_1_over_r":
-        a = torch.randn(shape, generator=generator, dtype=torch.float32) / math.sqrt(rank)
+        a = rng.randn(shape, generator=generator, dtype=torch.float32) / math.sqrt(rank)
     else:
         bound = 1.0 / math.sqrt(fan_in)
-        a = (torch.rand(shape, generator=generator, dtype=torch.float32) * 2.0 - 1.0) * bound
+        a = (rng.rand(shape, generator=generator, dtype=torch.float32) * 2.0 - 1.0) * bound
     return a.to(dtype)
 
 
