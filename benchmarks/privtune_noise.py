@@ -12,8 +12,10 @@ batch of 16 records × 64 tokens, CPU, 2 threads.
   (``privacy.noise_seed``: reproducible, not secure).
 * ``release``: the release alone (the part of the step that draws).
 * ``dchi_draw``: drawing the batch's d_χ vectors alone (``sample_dchi``, tokens × d).
-* ``pae_release``: PAE-MobiLLM's noisy upload of a batch of 32 pivot stacks (S = 7 layers × d = 384,
-  :func:`release_rows`) and of its prediction differences (:func:`prediction_difference`).
+* ``pae_release``: PAE-MobiLLM's noise on a batch of 32 pivot stacks (S = 7 layers × d = 384,
+  :func:`release_rows`) and on its prediction differences (:func:`prediction_difference`).
+* ``pae_upload``: the device's whole upload of those 32 records (backbone forward, clip, noise,
+  serialisation, the server's decoding: :func:`capture_server_view`), activation σ 0.5, δ σ 1.
 
 Variants are interleaved round-robin (load drift hits both alike); medians and minima are reported and
 the ratio CSPRNG ÷ seeded of each (on a shared, loaded machine the minima are the better estimate).
@@ -101,9 +103,22 @@ def setup(args: argparse.Namespace) -> dict[str, Callable[[Any], Any]]:
         release_rows(piv, spec, g)
         prediction_difference(logits, labels, 2 ** 0.5, 1.0, g)
 
+    from privaudit.mechanisms.pae_mobillm import mechanism as pm
+
+    pcfg = parse_config({
+        "mechanism": "pae_mobillm", "task": "classification", "model": {"name": args.model, "max_length": args.tokens},
+        "training": {"epochs": 1, "batch_size": 32, "sampling": "fixed_batch"}, "privacy": {"noise_multiplier": 0},
+        "options": {"activation_noise": 0.5, "activation_clip": 1.0, "delta_noise": 1.0, "device_batch_size": 32}})
+    backbone, btok = pm.build_backbone(pcfg, 2, cpu)
+    up_recs = corpus.records[:32]
+
+    def pae_upload(g: Any) -> None:
+        pm.capture_server_view(backbone, btok, pcfg, up_recs, g)
+
     print(f"PrivTune step: {args.model} (d = {d}), split {args.split}, batch {args.batch} × {args.tokens} tokens "
           f"({n_tokens} real tokens released), vocabulary graph of {len(ids)} tokens; PAE: 32 × {s} × {d} pivot rows")
-    return {"step": step, "release": release, "dchi_draw": dchi_draw, "pae_release": pae_release}
+    return {"step": step, "release": release, "dchi_draw": dchi_draw, "pae_release": pae_release,
+            "pae_upload": pae_upload}
 
 
 def main() -> None:
