@@ -146,8 +146,8 @@ def describe_noise_source(noise_seed: int | None, mechanism: str | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Uniform, exponential and Gamma draws from the keystream (the d_χ sampler of PrivTune, the random
-# n-hop targets) and the generator-agnostic helpers the PrivTune / PAE-MobiLLM call sites use.
+# csprng1: uniform and Gamma draws from the keystream (the d_χ sampler of PrivTune, its random n-hop
+# targets) and the generator-agnostic helpers the PrivTune / PAE-MobiLLM call sites use.
 # ---------------------------------------------------------------------------------------------
 __all__ += ["secure_or", "standard_gamma", "rand", "gamma"]
 
@@ -201,7 +201,7 @@ def standard_gamma(gen: SecureGenerator, shape: float, n: int) -> np.ndarray:
 
 def rand(*size: Any, generator: Any = None, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.rand`` for either generator (a :class:`SecureGenerator` gives 53-bit uniforms in
-    (0, 1), computed in float64 and cast to ``dtype``)."""
+    (0, 1), computed in float64 and cast to ``dtype``: a float32 cast may round the largest to 1.0)."""
     if isinstance(generator, SecureGenerator):
         shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
         u = torch.from_numpy(np.asarray(generator.random(int(np.prod(shape)) if shape else 1), dtype=np.float64))
