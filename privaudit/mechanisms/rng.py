@@ -34,11 +34,12 @@ __all__ = ["SecureGenerator", "noise_generator", "sampling_rng", "randn", "descr
 SECURE_SOURCE = "csprng: AES-256-CTR keystream keyed from os.urandom"
 SEEDED_SOURCE = "seeded from privacy.noise_seed: reproducible, NOT SECURE"
 PRNG_SOURCE = "torch/numpy PRNG seeded from OS entropy: not a CSPRNG"
-SECURE_MECHANISMS = frozenset({"dp_lora", "dp_fedlora", "lora_sketch", "he_lora"})
+SECURE_MECHANISMS = frozenset({"dp_lora", "dp_fedlora", "lora_sketch", "he_lora", "privtune", "pae_mobillm"})
 """Mechanisms whose DP noise and secret sampling draw from :class:`SecureGenerator` (the DP-SGD
 loop of :class:`~privaudit.mechanisms.dp_lora.DPLoraTrainer`; DP-FedLoRA's per-(round, client)
 substreams of one master key, :func:`derive`; lora_sketch's secret A, :func:`keyed_generator`;
-HE-LoRA's owner-side sampling and noise)."""
+HE-LoRA's owner-side sampling and noise; PrivTune's d_χ / Gaussian token noise, random n-hop targets,
+batch sampling and evaluation noise; PAE-MobiLLM's activation and prediction-difference noise)."""
 
 _BLOCK = 16
 _TWO_PI = 2.0 * math.pi
@@ -151,7 +152,7 @@ def describe_noise_source(noise_seed: int | None, mechanism: str | None = None) 
 
 
 # -- keyed substreams (csprng2): independent, reproducible streams under one secret master key -------
-__all__ += ["derive", "derive_key", "keyed_generator", "rand"]
+__all__ += ["derive", "derive_key", "keyed_generator"]
 _DERIVE_INFO = b"privaudit.rng.derive/v1\x00"
 
 
@@ -186,11 +187,83 @@ def keyed_generator(secret: int, *parts: int | str) -> SecureGenerator:
     return SecureGenerator(key=derive_key(str(int(secret)).encode(), *parts))
 
 
+
+# ---------------------------------------------------------------------------------------------
+# csprng1: uniform and Gamma draws from the keystream (the d_χ sampler of PrivTune, its random n-hop
+# targets) and the generator-agnostic helpers the PrivTune / PAE-MobiLLM call sites use.
+# ---------------------------------------------------------------------------------------------
+__all__ += ["secure_or", "standard_gamma", "rand", "gamma"]
+
+
+def secure_or(generator: Any) -> Any:
+    """``generator`` itself, or a fresh :class:`SecureGenerator` when it is None: a noise call site
+    handed no generator draws from a CSPRNG, never from torch's global PRNG."""
+    return SecureGenerator() if generator is None else generator
+
+
+def standard_gamma(gen: SecureGenerator, shape: float, n: int) -> np.ndarray:
+    """``n`` Gamma(``shape``, scale 1) draws (float64) from the keystream.
+
+    Method: Marsaglia & Tsang (ACM TOMS 26(3), 2000), an *exact* rejection sampler for shape a ≥ 1:
+    with d = a − 1/3 and c = 1/√(9d), draw x ~ N(0, 1) (:meth:`SecureGenerator.standard_normal`) and
+    u ~ U(0, 1) (:meth:`SecureGenerator.random`), set v = (1 + c·x)³, and accept d·v when v > 0 and
+    log u < x²/2 + d − d·v + d·log v (acceptance ≥ 95 % for every a ≥ 1, → 1 as a grows). For
+    0 < a < 1, Gamma(a) = Gamma(a + 1)·U^(1/a) (exact). The only departures from the exact law are
+    those of the inputs: uniforms on a 2^-53 grid, normals from Box–Muller whose tails end at ≈ 8.5σ
+    (mass ~1e-17 per draw). Rejection is vectorised: rounds of ⌈1.1·missing⌉ + 8 candidates until
+    ``n`` are accepted, so the number of keystream bytes consumed is random (the stream stays
+    secret, and a seeded replay via ``SecureGenerator(key=...)`` repeats it exactly).
+    """
+    a = float(shape)
+    if not (math.isfinite(a) and a > 0):
+        raise ValueError(f"shape: must be a finite number > 0, got {shape!r}")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n: must be an integer >= 0, got {n!r}")
+    if a < 1.0:
+        return standard_gamma(gen, a + 1.0, n) * gen.random(n) ** (1.0 / a)
+    d = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = np.empty(n, dtype=np.float64)
+    filled = 0
+    while filled < n:
+        m = int(math.ceil(1.1 * (n - filled))) + 8
+        x = gen.standard_normal(m)
+        u = gen.random(m)
+        t = 1.0 + c * x
+        ok = t > 0
+        logv = 3.0 * np.log(np.where(ok, t, 1.0))
+        v = np.exp(logv)
+        ok &= np.log(u) < 0.5 * x * x + d - d * v + d * logv
+        acc = d * v[ok]
+        take = min(acc.size, n - filled)
+        out[filled:filled + take] = acc[:take]
+        filled += take
+    return out
+
+
 def rand(*size: Any, generator: Any = None, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``torch.rand`` (uniforms in [0, 1)) for either generator; the secure one gives 53-bit
-    uniforms in (0, 1)."""
+    """``torch.rand`` for either generator (a :class:`SecureGenerator` gives 53-bit uniforms in
+    (0, 1), computed in float64 and cast to ``dtype``: a float32 cast may round the largest to 1.0)."""
     if isinstance(generator, SecureGenerator):
         shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
-        u = torch.from_numpy(np.asarray(generator.random(shape if shape else 1), dtype=np.float64)).reshape(shape)
-        return u.to(device=device or "cpu", dtype=dtype or torch.get_default_dtype())
+        u = torch.from_numpy(np.asarray(generator.random(int(np.prod(shape)) if shape else 1), dtype=np.float64))
+        return u.reshape(shape).to(device=device or "cpu", dtype=dtype or torch.get_default_dtype())
     return torch.rand(*size, generator=generator, device=device, dtype=dtype)
+
+
+def gamma(shape: float, n: int, *, generator: Any, device: Any = None,
+          dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``n`` Gamma(``shape``, 1) draws as a tensor: Marsaglia–Tsang on the keystream
+    (:func:`standard_gamma`) for a :class:`SecureGenerator`; for a seeded ``torch.Generator`` (integer
+    shape only) the sum of ``shape`` Exp(1) variables drawn with ``Tensor.exponential_`` — exact, and
+    the draws a seeded run has always made, so seeded runs replay unchanged."""
+    if isinstance(generator, SecureGenerator):
+        return torch.from_numpy(standard_gamma(generator, shape, n)).to(device=device or "cpu", dtype=dtype)
+    k = int(shape)
+    if k != shape or k < 1:
+        raise ValueError(f"shape: a torch.Generator draws Gamma for integer shapes >= 1 only, got {shape!r}")
+    e = torch.empty(n, k, device=device, dtype=torch.float64).exponential_(1.0, generator=generator)
+    return e.sum(dim=1).to(dtype)
+
+

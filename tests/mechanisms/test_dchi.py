@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import deque
 
@@ -11,6 +12,7 @@ import torch
 from scipy import optimize, stats
 
 from privaudit.ledger.events import DchiEvent, GaussianEvent, PlaintextEvent
+from privaudit.mechanisms import rng
 from privaudit.mechanisms.privtune.dchi import (
     NoiseSettings,
     TokenNoiser,
@@ -30,16 +32,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 
-def gen(seed: int = 0) -> torch.Generator:
+def gen(seed: int = 0, kind: str = "torch") -> torch.Generator | rng.SecureGenerator:
+    """A seeded torch.Generator, or (``kind="secure"``) a SecureGenerator under a fixed key: the
+    CSPRNG path with a deterministic keystream, so the statistical tests stay reproducible."""
+    if kind == "secure":
+        return rng.SecureGenerator(key=hashlib.sha256(f"dchi-{seed}".encode()).digest())
     return torch.Generator().manual_seed(seed)
+
+
+KINDS = ["torch", "secure"]
 
 
 # ----------------------------------------------------------------------------------------------
 # sampler
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dim,eta", [(1, 3.0), (8, 2.0), (64, 40.0)])
-def test_magnitude_is_gamma_d_over_eta(dim: int, eta: float) -> None:
-    z = sample_dchi(4000, dim, eta, generator=gen(dim))
+def test_magnitude_is_gamma_d_over_eta(dim: int, eta: float, kind: str) -> None:
+    z = sample_dchi(4000, dim, eta, generator=gen(dim, kind))
+    assert z.shape == (4000, dim) and z.dtype == torch.float32
     r = z.double().norm(dim=1).numpy()
     ks = stats.kstest(r, stats.gamma(a=dim, scale=1 / eta).cdf)
     assert ks.pvalue > 1e-3
@@ -47,15 +58,17 @@ def test_magnitude_is_gamma_d_over_eta(dim: int, eta: float) -> None:
     assert abs(r.mean() - dim / eta) < 5 * se
 
 
-def test_ks_rejects_wrong_eta() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_ks_rejects_wrong_eta(kind: str) -> None:
     """The magnitude test can fail: a sample at 1.1·η is rejected against Gamma(d, 1/η)."""
-    r = sample_dchi(4000, 16, 2.2, generator=gen(1)).double().norm(dim=1).numpy()
+    r = sample_dchi(4000, 16, 2.2, generator=gen(1, kind)).double().norm(dim=1).numpy()
     assert stats.kstest(r, stats.gamma(a=16, scale=1 / 2.0).cdf).pvalue < 1e-3
 
 
-def test_direction_is_uniform_on_the_sphere() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_direction_is_uniform_on_the_sphere(kind: str) -> None:
     n, d = 20000, 6
-    z = sample_dchi(n, d, 1.0, generator=gen(2)).double()
+    z = sample_dchi(n, d, 1.0, generator=gen(2, kind)).double()
     u = (z / z.norm(dim=1, keepdim=True)).numpy()
     # mean 0: each coordinate has variance 1/d
     assert np.abs(u.mean(0)).max() < 5 * math.sqrt(1 / d / n)
@@ -67,9 +80,10 @@ def test_direction_is_uniform_on_the_sphere() -> None:
     assert stats.kstest((u[:, 0] + 1) / 2, stats.beta(a, a).cdf).pvalue > 1e-3
 
 
-def test_per_row_eta_and_units() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_row_eta_and_units(kind: str) -> None:
     eta = torch.tensor([1.0, 4.0]).repeat(3000)
-    z = sample_dchi(eta.numel(), 10, eta, generator=gen(3)).norm(dim=1)
+    z = sample_dchi(eta.numel(), 10, eta, generator=gen(3, kind)).norm(dim=1)
     assert z[0::2].mean() == pytest.approx(10.0, rel=0.05)
     assert z[1::2].mean() == pytest.approx(2.5, rel=0.05)
     assert absolute_eta(0.1, "per_dimension", 384) == pytest.approx(38.4)
@@ -175,19 +189,48 @@ def test_shift_moves_the_mean_to_the_optimal_vector_toward_the_n_hop_target() ->
     assert rel.events == (DchiEvent(eta=20.0, dimension=8, count=n, shifted_mean=True),)
 
 
-def test_plain_dchi_mode_is_unbiased_and_random_targets_stay_in_the_hop_set() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_plain_dchi_mode_is_unbiased_and_random_targets_stay_in_the_hop_set(kind: str) -> None:
     geo = _geometry()
     n = 3000
     h = geo.representations[3].expand(n, 1, -1).clone()
     ids = torch.full((n, 1), 5)
     plain = TokenNoiser(NoiseSettings(mode="dchi", eta=20.0, eta_unit="absolute"), geo, SPECIAL)
-    diff = (plain.release(h, ids, torch.ones(n, 1, dtype=torch.long), gen(6)).values - h)[:, 0]
+    diff = (plain.release(h, ids, torch.ones(n, 1, dtype=torch.long), gen(6, kind)).values - h)[:, 0]
     assert diff.mean(0).abs().max() < 5 * 0.4 / math.sqrt(n) * 1.2
     rnd = TokenNoiser(NoiseSettings(mode="privtune", eta=20.0, eta_unit="absolute", importance="none"), geo, SPECIAL)
-    rows = torch.full((500,), 3)
-    tg = rnd.targets(rows, gen(7))
-    allowed = set(geo.hop_indices[geo.hop_indptr[3]:geo.hop_indptr[4]].tolist())
-    assert set(tg.tolist()) <= allowed and len(set(tg.tolist())) > 1
+    rows = torch.full((4000,), 3)
+    tg = rnd.targets(rows, gen(7, kind))
+    allowed = geo.hop_indices[geo.hop_indptr[3]:geo.hop_indptr[4]].tolist()
+    assert set(tg.tolist()) <= set(allowed)
+    # uniform over the n-hop set (chi-square)
+    counts = [int((tg == a).sum()) for a in allowed]
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_noiser_without_a_generator_draws_from_the_csprng(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No generator given: the noise and the random targets come from a fresh SecureGenerator, never
+    from torch's global PRNG (patched to fail here) — and two calls give different noise."""
+    geo = _geometry()
+    h = torch.randn(2, 4, 8, generator=gen(12))
+    ids = torch.tensor([[1, 5, 6, 0], [1, 7, 0, 0]])
+    mask = (ids != 0).long()
+    state = torch.get_rng_state()
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("drew from torch's PRNG")
+
+    for name in ("randn", "rand"):
+        monkeypatch.setattr(torch, name, forbidden)
+    monkeypatch.setattr(torch.Tensor, "exponential_", forbidden)
+    for mode in ("privtune", "dchi", "gaussian"):
+        noiser = TokenNoiser(NoiseSettings(mode=mode, eta=5.0, eta_unit="absolute"), geo, SPECIAL)
+        a, b = noiser.release(h, ids, mask).values, noiser.release(h, ids, mask).values
+        assert not torch.equal(a, b) and torch.equal(a[mask == 0], torch.zeros_like(a[mask == 0]))
+    assert sample_dchi(5, 3, 1.0).shape == (5, 3)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(AssertionError, match="PRNG"):  # the patch bites: a seeded generator draws through it
+        sample_dchi(5, 3, 1.0, generator=gen(0))
 
 
 def test_scaling_by_s_multiplies_the_expected_magnitude_by_s() -> None:

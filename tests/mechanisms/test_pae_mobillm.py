@@ -266,3 +266,62 @@ def test_first_token_pivot_is_inverted_from_the_server_view_and_noise_stops_it()
         assert m["token_recovery"] >= 0.9 and m["token_recovery"] > m["chance_rate"] + 0.5
         assert noisy[name]["n_tokens"] == 40
         assert noisy[name]["token_recovery"] <= noisy[name]["chance_rate"] + 0.1  # at or below chance
+
+
+# ---------------------------------------------------------------------------------------------------
+# randomness: a CSPRNG by default, seeded generators on request
+# ---------------------------------------------------------------------------------------------------
+NOISY = {"activation_noise": 0.5, "activation_clip": 5.0, "delta_noise": 1.0, "side_width": 16, "device_batch_size": 8}
+SMALL = {"data": {"synthetic": {"n_people": 12, "records_per_person": 2, "n_canaries": 0, "seed": 1}, "max_heldout": 6},
+         "training": {"epochs": 1, "batch_size": 8}}
+
+
+def small_cfg(**privacy: Any) -> Any:
+    return make_cfg(model=TINY_MODEL, options=NOISY, privacy=privacy, **SMALL)
+
+
+def test_default_run_draws_its_noise_from_the_csprng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No noise_seed: the run directory's ledger header says noise_secure, every noise draw (pivot
+    activations, δ) comes from a SecureGenerator and torch's and numpy's PRNGs are never drawn from
+    (patched to fail; the global torch RNG state is untouched). The same guards stop a seeded fit."""
+    from privaudit.mechanisms import rng
+    from privaudit.runs import train
+
+    from tests.mechanisms.rng_spy import spy_generators
+
+    cfg = small_cfg(noise_seed=None)
+    assert cfg.privacy.noise_seed is None
+    data = prepare_data(cfg)
+    # the training order is public (seeded by training.seed): mechanism code may build that Generator
+    seen = spy_generators(monkeypatch, forbid_torch_generator=False)
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a non-cryptographic PRNG was drawn from")
+
+    for name in ("randn", "rand", "normal"):
+        monkeypatch.setattr(torch, name, forbidden)
+    state = torch.get_rng_state()
+    res = pm.fit(cfg, data.train, data.heldout, num_labels=len(data.label_names))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert res.metrics["device_forward_passes"] == len(data.train)
+    # one activation and one δ draw per upload message of device_batch_size records
+    assert seen.count("SecureGenerator") == 2 * math.ceil(len(data.train) / 8) and set(seen) == {"SecureGenerator"}
+    with pytest.raises(AssertionError, match="PRNG"):
+        pm.fit(small_cfg(), data.train, data.heldout, num_labels=len(data.label_names))
+    monkeypatch.undo()
+    train(cfg, tmp_path / "run", progress=False)
+    header = Ledger.read(tmp_path / "run" / "ledger.jsonl").header
+    assert header.noise_secure is True and header.noise_source == rng.SECURE_SOURCE
+
+
+def test_seeded_runs_replay_and_default_runs_do_not() -> None:
+    seeded = small_cfg()
+    data = prepare_data(seeded)
+    k = len(data.label_names)
+    a, b = (pm.fit(seeded, data.train, data.heldout, num_labels=k).released_state for _ in range(2))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    # without a seed every upload draws under a fresh key: the server's views differ
+    secure = small_cfg(noise_seed=None)
+    backbone, tok = pm.build_backbone(secure, k, torch.device("cpu"))
+    c, d = (pm.capture_server_view(backbone, tok, secure, data.train[:8], None) for _ in range(2))
+    assert not torch.equal(c.activations, d.activations) and not torch.equal(c.deltas, d.deltas)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from privaudit.ledger.ledger import Ledger
 from privaudit.config import parse_config
 from privaudit.data import generate_corpus
 from privaudit.config import register_mechanism
+from privaudit.mechanisms import rng
 from privaudit.mechanisms.privtune.dchi import build_geometry, scale_floor
 from privaudit.mechanisms.training import encode
 
@@ -29,11 +31,11 @@ CORPUS = generate_corpus(n_people=40, records_per_person=2, n_canaries=0, seed=3
 TRAIN, HELDOUT = CORPUS.split(0.25, seed=0)
 
 
-def _cfg(model: str = "tiny-llama", task: str = "classification", steps: int = 3, **options):
+def _cfg(model: str = "tiny-llama", task: str = "classification", steps: int = 3, seed: int | None = 7, **options):
     return parse_config({
         "mechanism": "privtune", "task": task, "model": {"name": model, "max_length": 24},
         "training": {"steps": steps, "batch_size": 6, "sampling": "fixed_batch", "learning_rate": 0.01},
-        "privacy": {"noise_multiplier": 0, "noise_seed": 7},
+        "privacy": {"noise_multiplier": 0, **({"noise_seed": seed} if seed is not None else {})},
         "options": {"split_layer": 1, "eta": 0.5, "knn_k": 5, **options},
     })
 
@@ -246,3 +248,97 @@ def test_example_study_config_is_valid() -> None:
     assert pt.settings_of(cfg).split_layer == 2 and "privtune" in study.grid.mode
     with pytest.raises(ValueError, match=r"^grid\.mode"):
         privtune_study.load_study({"base": {}, "grid": {"mode": ["magic"]}})
+
+
+# ----------------------------------------------------------------------------------------------
+# randomness: a CSPRNG by default, seeded generators on request
+# ----------------------------------------------------------------------------------------------
+def _forbid_prngs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's and numpy's PRNG entry points raise from now on (until the test ends)."""
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a non-cryptographic PRNG was drawn from")
+
+    for name in ("randn", "rand", "randint", "normal"):
+        monkeypatch.setattr(torch, name, forbidden)
+    monkeypatch.setattr(torch.Tensor, "exponential_", forbidden)
+    monkeypatch.setattr(np.random, "PCG64", forbidden)
+    monkeypatch.setattr(np.random, "default_rng", forbidden)
+
+
+def _trained(res) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in res.model.named_parameters() if p.requires_grad}
+
+
+def test_default_run_draws_noise_targets_and_batches_from_the_csprng(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No noise_seed: the header says noise_secure, every draw of the fit (batches, random n-hop
+    targets, d_χ noise, evaluation noise) goes through a SecureGenerator, torch's and numpy's PRNGs
+    are never used (patched to fail; the global torch RNG state is untouched) and no torch.Generator
+    is built by mechanism code. The same guards stop a seeded run, so they do bite."""
+    from privaudit.runs import noise_header
+
+    from tests.mechanisms.rng_spy import spy_generators
+
+    cfg, seeded = _cfg(steps=2, seed=None), _cfg(steps=2)
+    assert noise_header(cfg) == {"noise_source": rng.SECURE_SOURCE, "noise_secure": True}
+    assert noise_header(seeded)["noise_secure"] is False
+    split, settings = _split(cfg)
+    geo = _small_geometry(split, settings)
+    seen = spy_generators(monkeypatch)
+    _forbid_prngs(monkeypatch)
+    state = torch.get_rng_state()
+    res = pt.fit(cfg, TRAIN, HELDOUT, num_labels=2, geometry=geo)
+    assert res.metrics["token_releases"] > 0 and res.metrics["mean_shift_norm"] > 0
+    assert seen and set(seen) == {"SecureGenerator"}
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(AssertionError):
+        pt.fit(seeded, TRAIN, HELDOUT, num_labels=2, geometry=geo)
+
+
+def test_seeded_runs_replay_and_default_runs_do_not() -> None:
+    cfg = _cfg(steps=2, mode="privtune")
+    split, settings = _split(cfg)
+    geo = _small_geometry(split, settings)
+    a, b = (_trained(pt.fit(cfg, TRAIN, HELDOUT, num_labels=2, geometry=geo)) for _ in range(2))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    secure = _cfg(steps=2, seed=None)
+    c, d = (_trained(pt.fit(secure, TRAIN, HELDOUT, num_labels=2, geometry=geo)) for _ in range(2))
+    assert any(not torch.equal(c[n], d[n]) for n in c)  # fresh keys: fresh batches and noise
+
+
+def test_resume_continues_the_secret_streams(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secure run's checkpoint holds its AES-CTR states (and nothing seeded); the resumed run
+    continues the same training-noise keystream from where the checkpoint left it."""
+    import json
+
+    from privaudit.mechanisms.training import Checkpointer
+
+    cfg = _cfg(steps=3, seed=None)
+    split, settings = _split(cfg)
+    geo = _small_geometry(split, settings)
+    ckpt = Checkpointer(tmp_path / "ckpt", every=1)
+
+    def crash(step: int, total: int, info: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pt.fit(cfg, TRAIN, HELDOUT, num_labels=2, geometry=geo, checkpointer=ckpt, progress=crash)
+    latest = ckpt.latest()
+    assert latest is not None and latest.step == 2
+    saved = latest.state
+    noise = json.loads(saved["noise_generator"])
+    assert noise["bit_generator"] == "aes-256-ctr" and noise["counter"] > 0
+    assert saved["sampler"]["rng"]["bit_generator"] == "aes-256-ctr"
+    made: list = []
+    real = rng.noise_generator
+
+    def spy(seed, device="cpu"):
+        made.append(real(seed, device))
+        return made[-1]
+
+    monkeypatch.setattr(rng, "noise_generator", spy)
+    res = pt.fit(cfg, TRAIN, HELDOUT, num_labels=2, geometry=geo, checkpointer=ckpt, resume=True)
+    assert res.resumed_from_step == 2 and res.steps_done == 3
+    train_gen = made[0]  # (training noise, evaluation noise), in this order
+    assert train_gen.state["key"] == noise["key"] and train_gen.state["counter"] > noise["counter"]
+    assert made[1].state["key"] != noise["key"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from privaudit.mechanisms import rng
 from privaudit.mechanisms.sampling import PoissonSampler, ShuffledBatchSampler
@@ -59,7 +61,7 @@ def test_factory_secure_by_default_seeded_on_request() -> None:
         assert np.array_equal(t.next_batch(), nxt)
     assert rng.describe_noise_source(None, "dp_lora") == {"noise_source": rng.SECURE_SOURCE, "noise_secure": True}
     assert rng.describe_noise_source(3, "dp_lora")["noise_secure"] is False
-    assert rng.describe_noise_source(None, "privtune")["noise_secure"] is False  # not yet switched: said so
+    assert rng.describe_noise_source(None, "not_switched")["noise_secure"] is False  # not a CSPRNG: said so
 
 
 def test_seeded_state_cannot_be_loaded_into_a_secure_sampler() -> None:
@@ -113,3 +115,61 @@ def test_the_switched_mechanisms_say_secure_unless_seeded() -> None:
     for mech in ("dp_fedlora", "lora_sketch", "he_lora"):
         assert rng.describe_noise_source(None, mech) == {"noise_source": rng.SECURE_SOURCE, "noise_secure": True}
         assert rng.describe_noise_source(0, mech)["noise_secure"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Gamma and uniform draws from the keystream (PrivTune's d_χ radius, random targets)
+# ---------------------------------------------------------------------------------------------
+def keyed(label: str) -> rng.SecureGenerator:
+    """A SecureGenerator under a fixed key: a deterministic keystream, so the statistical tests below
+    give the same verdict on every run (and fail when the sampler is wrong)."""
+    return rng.SecureGenerator(key=hashlib.sha256(label.encode()).digest())
+
+
+@pytest.mark.parametrize("shape", [0.3, 1.0, 3.7, 64.0, 768.0])
+def test_secure_gamma_follows_the_gamma_law(shape: float) -> None:
+    """Marsaglia–Tsang (shape >= 1) and the U^(1/a) boost (shape < 1) against scipy's Gamma CDF,
+    mean and variance (5 standard errors; Gamma(a) has variance a and kurtosis 3 + 6/a). The same
+    KS test rejects a sample of a 5 % larger shape, so it can fail."""
+    n = 100_000
+    x = rng.standard_gamma(keyed(f"gamma-{shape}"), shape, n)
+    assert x.shape == (n,) and x.dtype == np.float64 and (x > 0).all()
+    assert stats.kstest(x, stats.gamma(a=shape).cdf).pvalue > 1e-3
+    assert stats.kstest(x, stats.gamma(a=1.05 * shape).cdf).pvalue < 1e-4
+    assert abs(x.mean() - shape) < 5 * math.sqrt(shape / n)
+    assert abs(x.var() / shape - 1) < 5 * math.sqrt((2 + 6 / shape) / n)
+
+
+def test_secure_gamma_replays_under_its_key_and_checks_its_arguments() -> None:
+    a, b = keyed("replay"), keyed("replay")
+    assert np.array_equal(rng.standard_gamma(a, 7.0, 100), rng.standard_gamma(b, 7.0, 100))
+    assert a.state == b.state  # the same number of keystream blocks consumed
+    assert not np.array_equal(rng.standard_gamma(keyed("other"), 7.0, 100), rng.standard_gamma(a, 7.0, 100))
+    assert rng.standard_gamma(a, 2.0, 0).shape == (0,)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="^shape"):
+            rng.standard_gamma(a, bad, 3)
+
+
+def test_gamma_and_rand_tensors_for_either_generator() -> None:
+    g = keyed("tensors")
+    u = rng.rand(2000, generator=g, dtype=torch.float64)
+    assert u.shape == (2000,) and u.dtype == torch.float64 and 0 < float(u.min()) and float(u.max()) < 1
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    assert rng.rand((3, 4), generator=g).dtype == torch.get_default_dtype()
+    t = torch.Generator().manual_seed(4)
+    assert torch.equal(rng.rand(5, generator=torch.Generator().manual_seed(4)), torch.rand(5, generator=t))
+    # a seeded torch.Generator draws Gamma(k) as the sum of k exponentials (what seeded runs always drew)
+    e = torch.empty(6, 3, dtype=torch.float64).exponential_(1.0, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(rng.gamma(3, 6, generator=torch.Generator().manual_seed(9)), e.sum(1))
+    with pytest.raises(ValueError, match="^shape"):
+        rng.gamma(2.5, 6, generator=torch.Generator())
+    x = rng.gamma(16, 5000, generator=g, dtype=torch.float32)
+    assert x.dtype == torch.float32 and stats.kstest(x.double().numpy(), stats.gamma(a=16).cdf).pvalue > 1e-3
+    assert isinstance(rng.secure_or(None), rng.SecureGenerator) and rng.secure_or(t) is t
+
+
+def test_privtune_and_pae_mobillm_headers_say_secure_unless_seeded() -> None:
+    for mech in ("privtune", "pae_mobillm"):
+        assert rng.describe_noise_source(None, mech) == {"noise_source": rng.SECURE_SOURCE, "noise_secure": True}
+        assert rng.describe_noise_source(7, mech) == {"noise_source": rng.SEEDED_SOURCE, "noise_secure": False}

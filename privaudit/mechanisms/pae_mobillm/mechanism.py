@@ -42,6 +42,11 @@ attribute inference on the cached pivot activations (:mod:`privaudit.attacks.inv
 model (backbone + side network, rebuilt by :func:`load_released_model`; θ₀ = the side network's
 zero-output initialisation, i.e. the backbone alone).
 
+Randomness (:mod:`privaudit.mechanisms.rng`): the activation and δ noise draw from a CSPRNG (AES-256-CTR
+keyed from ``os.urandom``) unless ``privacy.noise_seed`` is set (torch's seeded generator: reproducible,
+recorded as ``noise_secure: false``). The training order (seeded by ``training.seed``) is the server's
+own and no secret from it: it sees every sample id it trains on.
+
 Configuration: ``mechanism: pae_mobillm`` with :class:`PaeSettings` under ``options``; the
 ``privacy`` section's ``noise_multiplier`` is not used (set it to 0). Resuming restarts training
 (events of the interrupted attempt stay in the ledger: over-count, fail-closed).
@@ -63,6 +68,7 @@ from privaudit.config import (
 )
 from privaudit.data import Record
 from privaudit.ledger.events import Event, GaussianEvent, PlaintextEvent
+from privaudit.mechanisms import rng
 from privaudit.mechanisms.dp_lora import FitResult
 from privaudit.mechanisms.pae_mobillm.side_network import (
     ReleaseSpec,
@@ -258,7 +264,7 @@ class _Device:
     forward passes."""
 
     def __init__(self, backbone: nn.Module, tok: Any, cfg: RunConfig, settings: PaeSettings,
-                 records: Sequence[Record], pivot: str, generator: torch.Generator | None) -> None:
+                 records: Sequence[Record], pivot: str, generator: Any) -> None:
         self.backbone, self.tok, self.cfg, self.settings = backbone, tok, cfg, settings
         self.records = list(records)
         self.pivot = pivot
@@ -373,12 +379,9 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     if cfg.training.eval_before:
         metrics["heldout_before"] = evaluate(model, tok, list(heldout_records), cfg, dev)
 
-    seed = cfg.privacy.noise_seed
-    noise_gen = torch.Generator(device="cpu")
-    if seed is not None:
-        noise_gen.manual_seed(int(seed))
-    else:
-        noise_gen.seed()  # OS entropy
+    # the activation and δ noise: a CSPRNG unless privacy.noise_seed is set (then torch's seeded
+    # generator: reproducible, recorded as noise_secure: false)
+    noise_gen = rng.noise_generator(cfg.privacy.noise_seed, "cpu")
     device_side = _Device(backbone, tok, cfg, s, records, pivot, noise_gen)
     n = len(records)
     batch = _batch_size(cfg, n)
@@ -485,9 +488,12 @@ class ServerView:
 
 @torch.no_grad()
 def capture_server_view(backbone: nn.Module, tok: Any, cfg: RunConfig, records: Sequence[Record],
-                        generator: torch.Generator | None) -> ServerView:
+                        generator: Any) -> ServerView:
     """Upload ``records`` once each through the training code path (fresh noise) and decode them as
-    the server does: the distribution of the server's cache."""
+    the server does: the distribution of the server's cache. ``generator``: a seeded
+    ``torch.Generator`` (an audit's reproducible simulation) or a ``rng.SecureGenerator``; None: a
+    fresh CSPRNG."""
+    generator = rng.secure_or(generator)
     s = settings_of(cfg)
     pivot = resolve_pivot(backbone, s.pivot)
     _, d = _dims(backbone)

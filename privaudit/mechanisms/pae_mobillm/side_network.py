@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from privaudit.mechanisms import rng
 from privaudit.mechanisms.pae_mobillm.transport import Quantization, decode_rows, encode_rows
 
 Pivot = Literal["auto", "cls", "mean", "last", "first"]
@@ -100,16 +101,24 @@ def _clip_rows(x: torch.Tensor, bound: float) -> torch.Tensor:
     return x * torch.clamp(bound / norms.clamp_min(1e-12), max=1.0)
 
 
-def release_rows(piv: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator | None) -> torch.Tensor:
-    """Clip and perturb (B, S, d) pivot states (the privacy-relevant part of the pipeline)."""
+def _noise(shape: torch.Size, generator: Any, device: torch.device) -> torch.Tensor:
+    """N(0, 1) of ``shape`` on ``device`` from ``generator``: a ``rng.SecureGenerator`` (None: a fresh
+    one) or a seeded ``torch.Generator`` (drawn on its own device, as seeded runs always have)."""
+    generator = rng.secure_or(generator)
+    on = generator.device if isinstance(generator, torch.Generator) else device
+    return rng.randn(shape, generator=generator, device=on, dtype=torch.float32).to(device)
+
+
+def release_rows(piv: torch.Tensor, spec: ReleaseSpec, generator: Any) -> torch.Tensor:
+    """Clip and perturb (B, S, d) pivot states (the privacy-relevant part of the pipeline). The noise
+    is a secret draw from ``generator`` (see :func:`_noise`)."""
     x = piv.float()
     if spec.clip is not None:
         x = _clip_rows(x, spec.clip / math.sqrt(x.shape[1]))
     if spec.sigma > 0:
         if spec.clip is None:
             raise ValueError("options.activation_clip: noise needs a clipping bound")
-        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
-        x = x + noise.to(x.device) * (spec.sigma * spec.clip)
+        x = x + _noise(x.shape, generator, x.device) * (spec.sigma * spec.clip)
     return x
 
 
@@ -120,9 +129,9 @@ def wire_rows(x: torch.Tensor, spec: ReleaseSpec) -> tuple[dict[str, torch.Tenso
 
 
 def prediction_difference(logits: torch.Tensor, labels: torch.Tensor, clip: float | None, sigma: float,
-                          generator: torch.Generator | None) -> torch.Tensor:
+                          generator: Any) -> torch.Tensor:
     """δ = onehot(y) − softmax(logits) (probability space), clipped to ``clip`` and perturbed with
-    N(0, (σ·clip)²) per class when σ > 0."""
+    N(0, (σ·clip)²) per class when σ > 0 (a secret draw from ``generator``, see :func:`_noise`)."""
     p = torch.softmax(logits.float(), dim=-1)
     delta = nn.functional.one_hot(labels.long(), p.shape[-1]).float() - p
     if clip is not None:
@@ -130,8 +139,7 @@ def prediction_difference(logits: torch.Tensor, labels: torch.Tensor, clip: floa
     if sigma > 0:
         if clip is None:
             raise ValueError("options.delta_clip: noise needs a clipping bound")
-        noise = torch.randn(delta.shape, generator=generator, device=generator.device if generator else delta.device)
-        delta = delta + noise.to(delta.device) * (sigma * clip)
+        delta = delta + _noise(delta.shape, generator, delta.device) * (sigma * clip)
     return delta
 
 

@@ -5,8 +5,11 @@ u = g/‖g‖ with g ~ N(0, I_d) (uniform on the sphere), magnitude r ~ Gamma(sh
 Z = r·u. E‖Z‖ = d/η, E‖Z‖² = d(d+1)/η². Adding Z to x is η·d_χ-private: Pr[y|x] ≤ e^{η‖x−x'‖}Pr[y|x'].
 ``η`` is *absolute* (per unit of Euclidean distance, the value the ledger records) or *per dimension*:
 η_abs = η_dim · d, so that E‖Z‖ = 1/η_dim whatever d is. ``NoiseSettings.eta_unit`` states which.
-The magnitude is drawn as a sum of d Exp(1)/η variables (exact for integer d, and it uses the caller's
-``torch.Generator`` on any device).
+Randomness (:mod:`privaudit.mechanisms.rng`): by default a CSPRNG (``rng.SecureGenerator``, AES-256-CTR):
+g from its Box–Muller normals and r by Marsaglia–Tsang rejection on its keystream (``rng.standard_gamma``,
+exact), drawn on the CPU and moved to the device. A seeded ``torch.Generator`` (``privacy.noise_seed``:
+reproducible, not secure) draws g with ``torch.randn`` and r as a sum of d Exp(1)/η variables (exact for
+integer d, on any device). A call given no generator draws from a fresh CSPRNG, never torch's global PRNG.
 
 **The PrivTune noise** (Liu et al., arXiv 2512.08809; the paper leaves the details open — ours are):
 
@@ -55,6 +58,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privaudit.ledger.events import DchiEvent, Event, GaussianEvent, PlaintextEvent
 from privaudit.accounting.metric_dp import nearest_neighbours
+from privaudit.mechanisms import rng
+
+NoiseGenerator = rng.SecureGenerator | torch.Generator
 
 __all__ = [
     "NoiseSettings",
@@ -93,18 +99,20 @@ def absolute_eta(eta: float, unit: EtaUnit, dim: int) -> float:
     raise ValueError(f"eta_unit: must be 'absolute' or 'per_dimension', got {unit!r}")
 
 
-def sample_dchi(n: int, dim: int, eta: float | torch.Tensor, *, generator: torch.Generator | None = None,
+def sample_dchi(n: int, dim: int, eta: float | torch.Tensor, *, generator: NoiseGenerator | None = None,
                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``n`` independent d_χ noise vectors in R^dim, shape (n, dim): density ∝ exp(−η‖z‖).
 
-    ``eta``: absolute η, a number or a tensor of n per-row values (> 0).
+    ``eta``: absolute η, a number or a tensor of n per-row values (> 0). ``generator``: a
+    ``rng.SecureGenerator`` (None: a fresh one) or a seeded ``torch.Generator`` (module docstring).
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n: must be an integer >= 0, got {n!r}")
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dimension: must be an integer >= 1, got {dim!r}")
+    generator = rng.secure_or(generator)
     if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
+        device = generator.device if isinstance(generator, torch.Generator) else torch.device("cpu")
     eta_t = torch.as_tensor(eta, dtype=torch.float64, device=device)
     if eta_t.ndim not in (0, 1) or (eta_t.ndim == 1 and eta_t.shape[0] != n):
         raise ValueError(f"eta: must be a number or a tensor of {n} values, got shape {tuple(eta_t.shape)}")
@@ -112,10 +120,9 @@ def sample_dchi(n: int, dim: int, eta: float | torch.Tensor, *, generator: torch
         raise ValueError("eta: must be finite and > 0")
     if n == 0:
         return torch.zeros(0, dim, device=device, dtype=dtype)
-    g = torch.randn(n, dim, generator=generator, device=device, dtype=torch.float64)
+    g = rng.randn(n, dim, generator=generator, device=device, dtype=torch.float64)
     u = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    e = torch.empty(n, dim, device=device, dtype=torch.float64).exponential_(1.0, generator=generator)
-    r = e.sum(dim=1) / eta_t  # Gamma(dim, 1/eta)
+    r = rng.gamma(dim, n, generator=generator, device=device) / eta_t  # Gamma(dim, 1/eta)
     return (u * r[:, None]).to(dtype)
 
 
@@ -374,15 +381,16 @@ class TokenNoiser:
             geometry.representations.norm(dim=1).max())
         self.max_shift = None if settings.max_shift is None else settings.max_shift * geometry.median_nn
 
-    def targets(self, rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Target rows for vocabulary ``rows`` (−1: no target)."""
+    def targets(self, rows: torch.Tensor, generator: NoiseGenerator | None) -> torch.Tensor:
+        """Target rows for vocabulary ``rows`` (−1: no target); random targets are secret draws from
+        ``generator`` (None: a fresh CSPRNG)."""
         g = self.geometry
         if self.settings.target_choice == "nearest":
             assert g.nearest_target is not None
             return g.nearest_target[rows]
         lo, hi = g.hop_indptr[rows], g.hop_indptr[rows + 1]
         deg = hi - lo
-        u = torch.rand(rows.shape[0], generator=generator, device=rows.device, dtype=torch.float64)
+        u = rng.rand(rows.shape[0], generator=rng.secure_or(generator), device=rows.device, dtype=torch.float64)
         pick = lo + torch.minimum((u * deg).long(), (deg - 1).clamp_min(0))
         out = torch.full_like(rows, -1)
         ok = deg > 0
@@ -404,8 +412,10 @@ class TokenNoiser:
 
     @torch.no_grad()
     def release(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                generator: torch.Generator | None = None) -> Release:
-        """Perturb ``hidden`` (B, T, d), the bottom outputs for ``input_ids`` (B, T), as configured."""
+                generator: NoiseGenerator | None = None) -> Release:
+        """Perturb ``hidden`` (B, T, d), the bottom outputs for ``input_ids`` (B, T), as configured.
+        Every random draw (noise, random targets) comes from ``generator``: a ``rng.SecureGenerator``
+        or a seeded ``torch.Generator``; None: one fresh CSPRNG for this call."""
         s = self.settings
         if hidden.ndim != 3 or hidden.shape[:2] != input_ids.shape or hidden.shape[-1] != self.dim:
             raise ValueError(f"hidden: expected (B, T, {self.dim}) matching input_ids {tuple(input_ids.shape)}, "
@@ -433,10 +443,11 @@ class TokenNoiser:
         if n == 0:
             return Release(out, tuple(events), 0, 1.0, 0.0)
         h = hidden[noised].float()
+        generator = rng.secure_or(generator)
         if s.mode == "gaussian":
             norms = h.norm(dim=1, keepdim=True).clamp_min(1e-30)
             h = h * (self.clip / norms).clamp(max=1.0)
-            z = torch.randn(h.shape, generator=generator, device=dev, dtype=torch.float32) * self.sigma
+            z = rng.randn(h.shape, generator=generator, device=dev, dtype=torch.float32) * self.sigma
             out[noised] = (h + z).to(out.dtype)
             events.append(GaussianEvent(noise_multiplier=self.sigma / self.clip, clip_norm=self.clip,
                                         sensitivity=2 * self.clip, sampling="full", count=n))

@@ -25,6 +25,11 @@ token after importance scaling, fail-closed), written *before* the top sees them
 instead. The ledger header's ``metric_dp`` entry (:func:`ledger_header_extra`) tells the metric-DP
 report about the shift and scaling; the run's metrics give ``releases_per_record``.
 
+Randomness (:mod:`privaudit.mechanisms.rng`): the batch sampler, the token noise and the random n-hop
+targets draw from a CSPRNG (AES-256-CTR keyed from ``os.urandom``) unless ``privacy.noise_seed`` is set
+(reproducible, recorded as ``noise_secure: false``); the generators' states are secret and live in
+checkpoints only, and a resumed run continues the same secret streams.
+
 Configuration: ``mechanism: privtune`` with the mechanism's settings under ``options``
 (:class:`PrivTuneSettings`, validated here; errors name ``options.<field>``). The ``privacy`` section's
 ``noise_multiplier`` is not used (set it to 0); ``training`` gives steps, batch size and optimizer.
@@ -45,6 +50,7 @@ from torch import nn
 from privaudit.config import PrivacyPlan, RunConfig, parse_options
 from privaudit.data import Record
 from privaudit.ledger.events import Event, PlaintextEvent
+from privaudit.mechanisms import rng
 from privaudit.mechanisms.dp_lora import FitResult
 from privaudit.mechanisms.privtune.dchi import (
     NoiseSettings,
@@ -186,10 +192,12 @@ class ServerView:
 
 @torch.no_grad()
 def capture_server_view(split: SplitModel, noiser: TokenNoiser, records: Sequence[Record], cfg: RunConfig,
-                        generator: torch.Generator | None = None, batch_size: int = 64) -> ServerView:
+                        generator: Any = None, batch_size: int = 64) -> ServerView:
     """Release ``records`` once each through the training code path and keep what crossed the wire.
     The bottom is frozen and the noise fresh per release, so this has the distribution of any one
-    training-time release of those records."""
+    training-time release of those records. ``generator``: a seeded ``torch.Generator`` (an audit's
+    reproducible simulation) or a ``rng.SecureGenerator``; None: a fresh CSPRNG."""
+    generator = rng.secure_or(generator)
     reps: list[torch.Tensor] = []
     ids_out: list[torch.Tensor] = []
     captured: list[torch.Tensor] = []
@@ -344,10 +352,18 @@ class PrivTuneFitResult(FitResult):
     release_counts: np.ndarray | None = field(default=None, repr=False)
 
 
-def _seed_from(cfg: RunConfig) -> int:
-    from privaudit.mechanisms.sampling import fresh_seed
+def _generators(cfg: RunConfig, device: torch.device) -> tuple[int | None, Any, Any]:
+    """(sampler seed, training-noise generator, evaluation-noise generator) of a fit.
 
-    return int(cfg.privacy.noise_seed) if cfg.privacy.noise_seed is not None else fresh_seed()
+    Default: no sampler seed and two independent ``rng.SecureGenerator`` s (CSPRNG: the batches, the
+    noise and the random n-hop targets are secret draws; the ledger header says ``noise_secure:
+    true``). With ``privacy.noise_seed``: seeds derived from it (SeedSequence) for PCG64 and two
+    ``torch.Generator`` s — reproducible, not secure (``noise_secure: false``)."""
+    if cfg.privacy.noise_seed is None:
+        return None, rng.noise_generator(None), rng.noise_generator(None)
+    words = np.random.SeedSequence(int(cfg.privacy.noise_seed)).generate_state(4, np.uint64)
+    return (int(words[0]) << 64 | int(words[1]), rng.noise_generator(int(words[2] >> np.uint64(1)), device),
+            rng.noise_generator(int(words[3] >> np.uint64(1)), device))
 
 
 def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequence[Record], *,
@@ -375,12 +391,9 @@ def fit(cfg: RunConfig, train_records: Sequence[Record], heldout_records: Sequen
     params = [p for _, p in trainable_parameters(model)]
     optimizer = make_optimizer(params, cfg)
 
-    secret = _seed_from(cfg)
-    words = np.random.SeedSequence(secret).generate_state(4, np.uint64)
+    sampler_seed, noise_gen, eval_gen = _generators(cfg, device)
     sampler = make_sampler(plan.sampling, len(train_records), sample_rate=plan.sample_rate,
-                           batch_size=plan.batch_size, seed=int(words[0]) << 64 | int(words[1]))
-    noise_gen = torch.Generator(device=device).manual_seed(int(words[2] >> np.uint64(1)))
-    eval_gen = torch.Generator(device=device).manual_seed(int(words[3] >> np.uint64(1)))
+                           batch_size=plan.batch_size, seed=sampler_seed)
     counts = np.zeros(len(train_records), dtype=np.int64)
     stats = {"shift": 0.0, "min_scale": math.inf, "tokens": 0, "batches": 0}
     released: dict[str, Event] = {}  # this process's events, merged by identity
