@@ -184,7 +184,7 @@ class PrivacySection(_Section):
     privacy_unit: Literal["record"] = "record"
     norm_method: Literal["auto", "ghost", "materialise"] = "auto"
     noise_seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="None (default): noise and sampling seeded from OS entropy. A fixed seed makes "
+        None, ge=0, le=MAX_SEED, description="None (default): noise and secret sampling from a CSPRNG keyed from OS entropy. A fixed seed makes "
         "the run reproducible but lets whoever holds the config regenerate the noise: tests only.")
     claims: list[ClaimSection] = Field(default_factory=list, max_length=100)
 
