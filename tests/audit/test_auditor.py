@@ -162,7 +162,9 @@ def test_dp_run_at_epsilon_one_auc_interval_contains_half(tmp_path: Path) -> Non
     assert res.accounted["epsilon"]["pld"] == pytest.approx(1.0, abs=0.01)
     # few canaries: even perfect guesses could not certify ε = 1, so the audit cannot say "consistent"
     power = res.epsilon_lower["power"]
-    assert power is not None and 0 < power < res.accounted["compared"]["epsilon"]
+    # (16 canaries split unevenly by the coins: with the accounted-curve test's share of the error budget
+    # the Steinke power can be 0; it is never above the accounted ε)
+    assert power is not None and 0 <= power < res.accounted["compared"]["epsilon"]
     assert res.attack("canary_membership").to_json()["epsilon_lower"]["power"] == power
     assert res.verdict == "inconclusive" and "could certify at most" in res.verdict_reason, res.verdict_reason
     assert res.epsilon_lower["value"] <= res.accounted["compared"]["epsilon"]
@@ -337,7 +339,9 @@ def test_a_run_without_held_out_records_is_audited_with_its_canaries(tmp_path: P
     run = _train(cfg, tmp_path / "run")
     res = audit_run(run, _write=False)
     assert [a.name for a in res.attacks] == ["gradient_canaries_one_run"]
-    assert res.settings["n_members_scored"] == 0 and res.epsilon_lower["n_bounds"] == 2  # Steinke + f-DP
+    # Steinke + f-DP + the test against the accountant's own curve
+    assert res.settings["n_members_scored"] == 0 and res.epsilon_lower["n_bounds"] == 3
+    assert res.accounted["tradeoff_test"]["refuted"] is False
     with pytest.raises(ValueError, match="^attacks: loss cannot run on this run: the run has no"):
         audit_run(run, attacks=["loss"], _write=False)
 
