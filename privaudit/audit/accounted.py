@@ -34,15 +34,20 @@ accounted schedule but the wrong noise); the refutation of scale 1 assumes nothi
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from privaudit.accounting.base import Reduction, Segment, events_and_relation, segments_from_events
+from privaudit.accounting.base import (
+    Reduction,
+    Segment,
+    events_and_relation,
+    segments_from_events,
+)
 from privaudit.accounting.pld import PLDAccountant
 from privaudit.audit.bounds import TradeoffCurve, TradeoffFamily
 
-__all__ = ["privacy_profile", "accounted_curve", "accounted_family", "DEFAULT_SCALES"]
+__all__ = ["DEFAULT_SCALES", "accounted_curve", "accounted_family", "privacy_profile"]
 
 DEFAULT_SCALES: tuple[float, ...] = tuple(2.0 ** (k / 8.0) for k in range(-32, 33))
 """Noise scales of the family: 2^(k/8), k = −32 … 32 (1/16 … 16, ratio ≈ 1.09); includes 1."""
@@ -55,28 +60,29 @@ def _scaled(segments: Sequence[Segment], scale: float) -> tuple[Segment, ...]:
     return tuple(Segment(s.kind, s.noise * scale, s.sample_rate, s.count, s.neighbouring) for s in segments)
 
 
+def _profile(segments: Sequence[Segment]) -> Callable[[float], float]:
+    """ε ↦ pessimistic δ_up(ε) of the composed segments (max over the add and remove orientations)."""
+    comps = PLDAccountant().upper_compositions(list(segments))
+    return lambda e: max(c.delta(float(e), True) for c in comps.values())
+
+
 def privacy_profile(segments: Sequence[Segment], epsilons: Sequence[float] | np.ndarray) -> np.ndarray:
     """Pessimistic δ_up(ε) ≥ δ(ε) of the composed segments at each ε (max over the add and remove
     orientations; the PLD accountant's upper compositions)."""
-    comps = PLDAccountant().upper_compositions(list(segments))
-    eps = np.asarray(epsilons, dtype=float)
-    return np.array([max(c.delta(float(e), True) for c in comps.values()) for e in eps])
+    delta = _profile(segments)
+    return np.array([delta(e) for e in np.asarray(epsilons, dtype=float)])
 
 
 def accounted_curve(segments: Sequence[Segment], scale: float = 1.0, n_eps: int = _N_EPS) -> TradeoffCurve:
     """The trade-off curve of the accounted profile (module docstring), noise scaled by ``scale``:
-    lines at ``n_eps`` equally spaced ε in [0, E], E the first power of 2 with δ_up(E) ≤ 1e-11."""
-    segs = _scaled(segments, scale)
-    comps = PLDAccountant().upper_compositions(list(segs))
-
-    def delta(e: float) -> float:
-        return max(c.delta(e, True) for c in comps.values())
-
+    lines at ``n_eps`` equally spaced ε in [0, E], E the first power of 2 with δ_up(E) ≤ 1e-11 (at
+    most 64)."""
+    delta = _profile(_scaled(segments, scale))
     top = 1.0
     while top < 64.0 and delta(top) > _DELTA_FLOOR:
         top *= 2.0
     eps = np.linspace(0.0, top, n_eps)
-    return TradeoffCurve(eps, np.array([delta(float(e)) for e in eps]))
+    return TradeoffCurve(eps, np.array([delta(e) for e in eps]))
 
 
 def accounted_family(source: Any, scales: Sequence[float] = DEFAULT_SCALES

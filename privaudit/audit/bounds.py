@@ -41,6 +41,17 @@ Methods (REFERENCES §7):
   G_μ the same recursion gives about the Steinke bound (measured: 2.01 vs 2.02 at m = r = 1000,
   v = 900, δ = 1e-5): the gain comes from the Gaussian shape. Reference implementation
   (jax_privacy 2.0 ``_epsilon_one_run_fdp``): m = r = 1000, v = 900, δ = 1e-5, 95% → 3.779.
+* ``one_run_fdp_accounted``: the same recursion (same code path, :func:`_fdp_recursion`) with the
+  trade-off curve of a *claimed privacy profile*, f(α) = sup_j max(0, 1 − δ_j − e^{ε_j}α,
+  e^{−ε_j}(1 − δ_j − α)) (:class:`TradeoffCurve`; for a run, the PLD accountant's own pessimistic
+  profile, :mod:`privaudit.audit.accounted`). A rejection refutes the claim with no assumption on
+  the mechanism's shape (the curve is implied by the claim). Family variant
+  (:class:`TradeoffFamily`): curves f_c indexed by a noise scale c, pointwise non-decreasing in c,
+  scanned from the largest c down to the first curve not rejected; every rejected c is excluded
+  (each test at level τ; one hypothesis is true, so no correction among the scales), and ε_lower is
+  ε(δ) of the smallest rejected scale, valid *if* the mechanism's curve is a member
+  (``assumption="accounted_family"``); ``refuted`` says whether the claim's own curve (c = 1) was
+  rejected.
 * ``gdp`` (optional): a lower bound on the Gaussian-DP parameter μ (valid without assumptions) and
   the ε(δ) a μ-GDP mechanism would have — the latter *assumes* a Gaussian trade-off curve.
 

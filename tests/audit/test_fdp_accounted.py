@@ -195,3 +195,13 @@ def test_family_boundary_matches_the_gaussian_mu_bound() -> None:
         i = scales.index(b.noise_scale)
         assert scales[i] >= 1 / mu - 1e-3 and (i == 0 or scales[i - 1] <= 1 / mu * 1.01), (mu, b.noise_scale)
         assert b.refuted == (mu > 1.0 + 1e-3)
+
+
+def test_privacy_profile_is_the_accountants_delta() -> None:
+    from privaudit.accounting.base import compute_delta
+    from privaudit.audit.accounted import privacy_profile
+
+    ev = [GaussianEvent(noise_multiplier=0.9, sample_rate=0.1, count=20)]
+    prof = privacy_profile([Segment("gaussian", 0.9, 0.1, 20)], [0.5, 1.0, 2.0])
+    assert np.allclose(prof, [compute_delta(ev, e) for e in (0.5, 1.0, 2.0)], rtol=1e-9, atol=1e-15)
+    assert np.all(np.diff(prof) < 0)
