@@ -52,6 +52,9 @@ __all__ = ["DEFAULT_SCALES", "accounted_curve", "accounted_family", "privacy_pro
 DEFAULT_SCALES: tuple[float, ...] = tuple(2.0 ** (k / 8.0) for k in range(-32, 33))
 """Noise scales of the family: 2^(k/8), k = −32 … 32 (1/16 … 16, ratio ≈ 1.09); includes 1."""
 
+_MAX_FAMILY_SEGMENTS = 32
+"""Above this many distinct segments each composition is slow (up to ~20 s at 1,000 segments), so the
+family shrinks to the claim's own curve: the assumption-free test stays, the scan over scales goes."""
 _N_EPS = 256  # ε grid points of a curve
 _DELTA_FLOOR = 1e-11  # the ε grid extends until δ_up(ε) falls below this (or ε = 64)
 
@@ -85,11 +88,13 @@ def accounted_curve(segments: Sequence[Segment], scale: float = 1.0, n_eps: int 
     return TradeoffCurve(eps, np.array([delta(e) for e in eps]))
 
 
-def accounted_family(source: Any, scales: Sequence[float] = DEFAULT_SCALES
+def accounted_family(source: Any, scales: Sequence[float] | None = None
                      ) -> tuple[TradeoffFamily | None, str | None]:
     """The accountant's trade-off family of a ledger (object, path or events), or (None, reason) when
     the PLD accountant does not account it under add/remove (replace neighbours, unsupported events,
-    no guarantee, no releases). Curves and ε values are computed lazily and cached."""
+    no guarantee, no releases). Curves and ε values are computed lazily and cached. ``scales``:
+    default :data:`DEFAULT_SCALES`, or only the claim (1.0) for ledgers of more than 32 distinct
+    segments (bounded time: then ε_lower is the claim's optimistic ε when it is refuted, else 0)."""
     events, relation = events_and_relation(source)
     if relation != "add_remove":
         return None, (f"the ledger is accounted under {relation} neighbours; the one-run game (canary in or "
@@ -105,6 +110,8 @@ def accounted_family(source: Any, scales: Sequence[float] = DEFAULT_SCALES
     if not red.segments:
         return None, "no releases recorded"
     segments = red.segments
+    if scales is None:
+        scales = DEFAULT_SCALES if len(segments) <= _MAX_FAMILY_SEGMENTS else (1.0,)
     curves: dict[float, TradeoffCurve] = {}
     eps: dict[tuple[float, float], float] = {}
 

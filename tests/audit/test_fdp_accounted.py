@@ -205,3 +205,14 @@ def test_privacy_profile_is_the_accountants_delta() -> None:
     prof = privacy_profile([Segment("gaussian", 0.9, 0.1, 20)], [0.5, 1.0, 2.0])
     assert np.allclose(prof, [compute_delta(ev, e) for e in (0.5, 1.0, 2.0)], rtol=1e-9, atol=1e-15)
     assert np.all(np.diff(prof) < 0)
+
+
+def test_long_heterogeneous_ledgers_get_only_the_claims_curve() -> None:
+    """Bounded time: above 32 distinct segments the family is the claim alone (the test stays)."""
+    many = [GaussianEvent(noise_multiplier=1.0 + k / 100, sample_rate=0.01) for k in range(40)]
+    fam, _ = accounted_family(many)
+    assert fam is not None and fam.scales == (1.0,)
+    few, _ = accounted_family(many[:3])
+    assert few is not None and len(few.scales) > 1
+    b = one_run_fdp_family_bound(1000, 1000, 1000, fam, 1e-5)
+    assert b.refuted is True and b.noise_scale == 1.0 and b.value > 0
