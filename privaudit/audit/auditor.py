@@ -48,7 +48,9 @@ accounted-curve test rejects the accountant's curve, or a claim is refuted; an �
 accounted ε from a bound with an assumption alone is ``inconclusive``; ``no guarantee`` when
 the ledger gives none; ``consistent`` only when a bound was computed, stays below the accounted ε, and
 the audit had the power to exceed it (``power``: the bound the design gives for perfect guesses,
-:mod:`privaudit.audit.power`); otherwise ``inconclusive``, with the reason (no attack produced a bound,
+:mod:`privaudit.audit.power`) — or, when the accounted-curve test runs, perfect guesses on the design
+would have rejected the accountant's own curve (``power_refutes_accounted``); otherwise
+``inconclusive``, with the reason (no attack produced a bound,
 or the accounted ε is above the power: even a perfect attack could not have shown a violation).
 
 Other observers (``server``, ``worker`` ...): mechanisms register attacks on their view with
@@ -83,6 +85,7 @@ from privaudit.audit.bounds import (
     TradeoffFamily,
     one_run_audit_best,
     one_run_bounds_best,
+    one_run_fdp_claim_refutable,
 )
 from privaudit.audit.power import audit_power
 
@@ -148,6 +151,8 @@ class AttackResult:
     power: float | None = None  # the largest ε_lower this attack's design could certify (perfect guesses)
     by_bound: Mapping[str, EpsilonLowerBound] = field(default_factory=dict)  # every bound at the target δ
     sound_bounds: Mapping[float, EpsilonLowerBound] = field(default_factory=dict)  # assumption-free, per δ
+    # would perfect guesses on this design reject the accountant's own curve? (None: test not run)
+    power_refutes_accounted: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "metrics": _jsonable(dict(self.metrics))}
@@ -159,6 +164,8 @@ class AttackResult:
             el["bound"] = bound_name(self.epsilon_lower)
             if self.power is not None:
                 el["power"] = self.power
+            if self.power_refutes_accounted is not None:
+                el["power_refutes_accounted"] = self.power_refutes_accounted
             out["epsilon_lower"] = el
             if self.by_bound:
                 out["epsilon_lower_by_bound"] = {k: b.to_json() for k, b in self.by_bound.items()}
@@ -473,13 +480,15 @@ def _verdict(has_guarantee: bool, compared: float, compared_by: str | None, delt
              top: EpsilonLowerBound | None, top_attack: str | None, claims: Sequence[dict[str, Any]],
              n_attacks: int, observer: str, confidence: float, power: float | None = None,
              power_attack: str | None = None, sound_lower: float | None = None,
-             accounted_refuted: str | None = None) -> tuple[Verdict, str]:
+             accounted_refuted: str | None = None, accounted_power: str | None = None) -> tuple[Verdict, str]:
     """The verdict and its one-sentence reason (see the module docstring).
 
     ``consistent`` only when a valid bound was computed and the design had the power to exceed the
     accounted ε (``power``: the largest ε_lower any attack's design could certify); otherwise, with a
     guarantee and no violation, ``inconclusive`` with the reason. ``accounted_refuted``: the attack
-    whose guesses rejected the accountant's own trade-off curve (``one_run_fdp_accounted``), if any."""
+    whose guesses rejected the accountant's own trade-off curve (``one_run_fdp_accounted``), if any;
+    ``accounted_power``: an attack whose design's perfect guesses would have rejected it (then the audit
+    had the power to show a violation even where the Steinke power is below the accounted ε)."""
     lower = top.value if top is not None else 0.0
     sound = lower if sound_lower is None else sound_lower  # the assumption-free bound decides a violation
     refuted = [c for c in claims if c["status"] == "refuted"]
@@ -521,7 +530,7 @@ def _verdict(has_guarantee: bool, compared: float, compared_by: str | None, delt
                                 "attacks report metrics only; a bound needs units included by fair coins, e.g. "
                                 "canaries), so the audit cannot test the accounted ε = "
                                 f"{_fmt(compared)} ({compared_by})")
-    if power < compared:
+    if power < compared and accounted_power is None:
         return "inconclusive", (f"the audit's design could certify at most ε_lower = {_fmt(power)} "
                                 f"({power_attack}, perfect guesses, {100 * confidence:g}% confidence, δ = {delta:g}), "
                                 f"below the accounted ε = {_fmt(compared)} ({compared_by}): even a perfect attack "
@@ -532,9 +541,11 @@ def _verdict(has_guarantee: bool, compared: float, compared_by: str | None, delt
         what.append(f"the accounted ε = {_fmt(compared)} ({compared_by})")
     if claims:
         what.append("every claim" if len(claims) > 1 else f"the claimed ε = {_fmt(claims[0]['epsilon'])}")
+    could = (f"the design could have certified up to {_fmt(power)} ({power_attack})" if power >= compared else
+             f"perfect guesses on the design ({accounted_power}) would have rejected the accountant's own trade-off "
+             "curve (one_run_fdp_accounted), which this audit's guesses did not")
     return "consistent", (f"the empirical lower bound ε_lower = {_fmt(lower)} at δ = {delta:g} "
-                          f"({top_attack or 'no bound'}) does not exceed {' nor '.join(what)}, and the design "
-                          f"could have certified up to {_fmt(power)} ({power_attack})")
+                          f"({top_attack or 'no bound'}) does not exceed {' nor '.join(what)}, and {could}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -700,9 +711,14 @@ def score_attacks(outcomes: Sequence[AttackScores], delta: float, deltas: Sequen
         if any(o is b for b in bounded):
             order = [delta] + [d for d in deltas if d != delta]
             by_delta, by_bound, sound = _bounds(o, order, per_conf, _derived_seed(seed, i, 0x424E44), family)
+            refutable = None
+            if family is not None:
+                assert o.member_scores is not None and o.nonmember_scores is not None
+                design = np.concatenate([np.ones(o.member_scores.size, bool), np.zeros(o.nonmember_scores.size, bool)])
+                refutable = one_run_fdp_claim_refutable(design, family, per_conf)
             results.append(AttackResult(o.name, o.kind, metrics, roc, by_delta[delta], by_delta, confidence, note,
                                         power=_power(o, delta, per_conf, _derived_seed(seed, i, 0x424E44)),
-                                        by_bound=by_bound, sound_bounds=sound))
+                                        by_bound=by_bound, sound_bounds=sound, power_refutes_accounted=refutable))
         else:
             results.append(AttackResult(o.name, o.kind, metrics, roc, None, {}, None, note))
     return results, bounded, n_bounds, per_conf
@@ -855,6 +871,9 @@ def audit_run(
                                  "so it is not refuted")
             claimed.append(entry)
         sound_lower = max((r.sound_bounds[delta].value for r in with_bounds if delta in r.sound_bounds), default=0.0)
+        refutable = [r.name for r in with_bounds if r.power_refutes_accounted]
+        if top_bound is not None and family is not None:
+            eps_lower["power_refutes_accounted"] = bool(refutable)
         refuting = [r.name for r in with_bounds
                     if (b := r.by_bound.get("one_run_fdp_accounted")) is not None and b.refuted]
         if family is not None:
@@ -864,7 +883,8 @@ def audit_run(
         verdict, reason = _verdict(has_guarantee, compared, compared_by, delta, top_bound,
                                    _bound_label(top), claimed, len(outcomes), observer,
                                    confidence, power, strongest.name if strongest is not None else None,
-                                   sound_lower=sound_lower, accounted_refuted=refuting[0] if refuting else None)
+                                   sound_lower=sound_lower, accounted_refuted=refuting[0] if refuting else None,
+                                   accounted_power=refutable[0] if refutable else None)
         accounted, reason = _mechanism_parts(run.manifest, accounted, reason, results)
         public_settings = {k: v for k, v in settings.items() if not k.startswith("_")}
         public_settings.update({

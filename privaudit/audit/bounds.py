@@ -98,6 +98,7 @@ __all__ = [
     "TradeoffFamily",
     "one_run_fdp_curve_rejects",
     "one_run_fdp_family_bound",
+    "one_run_fdp_claim_refutable",
 ]
 
 GAUSSIAN_TRADEOFF = "gaussian_tradeoff"
@@ -855,6 +856,29 @@ def one_run_fdp_family_bound(m: int, r: int, v: int, family: TradeoffFamily, del
     m, r, v = _check_mrv(m, r, v)
     delta = _check_delta(delta)
     return _family_bound(m, r, v, family, [delta], _check_confidence(confidence), 1)[delta]
+
+
+def one_run_fdp_claim_refutable(included: ArrayLike, family: TradeoffFamily, confidence: float = 0.95,
+                                grid: Sequence[tuple[int, int]] | None = None) -> bool:
+    """Power of the accounted-curve test on a design: would *perfect* guesses (every included unit
+    ranked above every excluded one) reject the claim's own curve ``family.curve(family.claim)`` at
+    some grid point, each tested at (1 − confidence)/G as in :func:`one_run_bounds_best`? If not, no
+    attack on this design can refute the claim with this test. Depends on the design only."""
+    inc = np.asarray(included, dtype=bool).ravel()
+    if inc.size == 0:
+        raise ValueError("included: the design has no randomised unit")
+    confidence = _check_confidence(confidence)
+    pairs = list(grid) if grid is not None else default_one_run_grid(inc.size)
+    if not pairs:
+        raise ValueError("grid: must contain at least one (k_plus, k_minus) pair")
+    order = _guess_order(inc.astype(np.float64), 0)
+    tau = (1.0 - confidence) / len(pairs)
+    claim = family.curve(family.claim)
+    for kp, km in pairs:
+        r, v = _one_run_counts(order, inc, _check_count(kp, "k_plus"), _check_count(km, "k_minus"))
+        if _curves_reject(inc.size, r, v, [claim], tau)[0]:
+            return True
+    return False
 
 
 def one_run_bounds_best(

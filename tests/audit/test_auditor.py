@@ -493,6 +493,12 @@ def test_rejecting_the_accountants_own_curve_is_a_violation_without_assumption()
     # no guarantee stays no guarantee (there is no accounted curve to refute)
     assert auditor._verdict(**{**common, "has_guarantee": False}, accounted_refuted="x")[0] == "no guarantee"
     assert auditor.bound_name(acc) == "one_run_fdp_accounted"
+    # power: a Steinke power below the accounted ε is inconclusive, unless the design's perfect guesses
+    # would have rejected the accountant's curve
+    weak = {**common, "power": 1.5, "top": EpsilonLowerBound(value=1.0, delta=1e-5, confidence=0.95, method="one_run")}
+    assert auditor._verdict(**weak)[0] == "inconclusive"
+    verdict, reason = auditor._verdict(**weak, accounted_power="gradient_canaries_one_run")
+    assert verdict == "consistent" and "would have rejected the accountant's own trade-off curve" in reason
 
 
 def test_gradient_canaries_give_no_bound_where_the_ledger_may_not_cover_them(tmp_path: Path) -> None:

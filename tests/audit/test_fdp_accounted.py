@@ -23,6 +23,7 @@ from privaudit.audit.bounds import (
     TradeoffFamily,
     default_one_run_grid,
     one_run_bounds_best,
+    one_run_fdp_claim_refutable,
     one_run_fdp_curve_rejects,
     one_run_fdp_family_bound,
     one_run_fdp_mu_lower_bound,
@@ -216,3 +217,14 @@ def test_long_heterogeneous_ledgers_get_only_the_claims_curve() -> None:
     assert few is not None and len(few.scales) > 1
     b = one_run_fdp_family_bound(1000, 1000, 1000, fam, 1e-5)
     assert b.refuted is True and b.noise_scale == 1.0 and b.value > 0
+
+
+def test_claim_refutable_is_the_power_of_the_accounted_test() -> None:
+    """Perfect guesses on 1000 balanced canaries reject the GDP curve μ = 1 (σ = 1) but not μ = 3
+    (σ = 1/3); with 16 canaries not even μ = 1; the answer depends on the design only."""
+    design = np.arange(1000) % 2 == 0
+    assert one_run_fdp_claim_refutable(design, _family(1.0), 0.95)
+    assert not one_run_fdp_claim_refutable(design, _family(1 / 3), 0.95)
+    assert not one_run_fdp_claim_refutable(np.arange(16) % 2 == 0, _family(1.0), 0.95)
+    with pytest.raises(ValueError, match="^included:"):
+        one_run_fdp_claim_refutable(np.zeros(0, bool), _family(1.0))
