@@ -112,19 +112,27 @@ def accounted_family(source: Any, scales: Sequence[float] | None = None
     segments = red.segments
     if scales is None:
         scales = DEFAULT_SCALES if len(segments) <= _MAX_FAMILY_SEGMENTS else (1.0,)
+    scales = tuple(float(c) for c in scales)
     curves: dict[float, TradeoffCurve] = {}
     eps: dict[tuple[float, float], float] = {}
 
+    larger = dict(zip(scales, list(scales)[1:]))
+
     def curve(c: float) -> TradeoffCurve:
         if c not in curves:
-            curves[c] = accounted_curve(segments, c)
+            try:
+                curves[c] = accounted_curve(segments, c)
+            except ValueError:  # noise so small the loss leaves the PLD's numeric range: a curve
+                curves[c] = TradeoffCurve(np.zeros(1), np.ones(1))  # that says nothing (never rejected)
         return curves[c]
 
     def epsilon(c: float, delta: float) -> float:
         if (c, delta) not in eps:
-            res = acc.epsilon(Reduction(_scaled(segments, c)), delta)
-            low = res.epsilon_lower
-            eps[(c, delta)] = float(low) if low is not None and math.isfinite(low) else 0.0
+            try:
+                low = acc.epsilon(Reduction(_scaled(segments, c)), delta).epsilon_lower
+                eps[(c, delta)] = float(low) if low is not None and math.isfinite(low) else 0.0
+            except ValueError:  # beyond the PLD's range: ε(δ) decreases in c, so the next scale's is a bound
+                eps[(c, delta)] = epsilon(larger[c], delta) if c in larger else 0.0
         return eps[(c, delta)]
 
     return TradeoffFamily(tuple(scales), curve, epsilon, claim=1.0), None

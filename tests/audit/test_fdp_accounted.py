@@ -228,3 +228,15 @@ def test_claim_refutable_is_the_power_of_the_accounted_test() -> None:
     assert not one_run_fdp_claim_refutable(np.arange(16) % 2 == 0, _family(1.0), 0.95)
     with pytest.raises(ValueError, match="^included:"):
         one_run_fdp_claim_refutable(np.zeros(0, bool), _family(1.0))
+
+
+def test_scales_beyond_the_pld_range_fall_back_soundly() -> None:
+    """σ = 0.3 over 100 full-batch steps at noise scale 1/16 leaves the PLD's numeric range: its curve
+    says nothing (never rejected) and its ε falls back to the next scale's (ε decreases in c)."""
+    fam, _ = accounted_family([GaussianEvent(noise_multiplier=0.3, sample_rate=1.0, count=100)])
+    assert fam is not None
+    lowest = fam.curve(fam.scales[0])
+    assert lowest(np.array([0.0, 0.5])).tolist() == [0.0, 0.0]
+    assert not one_run_fdp_curve_rejects(1000, 1000, 1000, lowest)
+    e0 = fam.epsilon(fam.scales[0], 1e-5)
+    assert e0 > 0 and e0 >= fam.epsilon(fam.scales[-1], 1e-5)
