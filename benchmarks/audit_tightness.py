@@ -12,9 +12,15 @@ audited with every canary design it carries, each design audited on its own (as 
 * ``data_canaries`` — the corpus's data canaries scored by loss under θ₀ − loss under the released
   model (``canary_membership``).
 
-Bounds: ``one_run_steinke`` (Steinke, Nasr, Jagielski 2023; assumption-free) and ``one_run_fdp``
+Bounds: ``one_run_steinke`` (Steinke, Nasr, Jagielski 2023; assumption-free), ``one_run_fdp``
 (Mahloujifar, Melis, Chaudhuri 2024; a GDP μ lower bound reported as ε(δ) of μ-GDP, i.e. assuming a
-Gaussian trade-off curve).
+Gaussian trade-off curve) and ``one_run_fdp_accounted`` (the same recursion against the PLD
+accountant's own trade-off curve of the run with its noise scaled by c: ε(δ) of the smallest rejected
+scale, assuming the mechanism is the accounted schedule at some noise scale; ``R`` after it marks a
+rejection of the accountant's curve itself — a violation without assumption).
+
+``--noise-factor F`` plants a bug: the run adds F × the noise its ledger records (F < 1 leaks more
+than accounted), to see which bound catches it.
 
 Settings (``--settings``):
 
@@ -44,7 +50,7 @@ from typing import Any
 
 DESIGNS = {"gradient_final": "gradient_canaries_one_run", "gradient_every_step": "gradient_canaries_every_step",
            "data_canaries": "canary_membership"}
-BOUNDS = ("one_run_steinke", "one_run_fdp")
+BOUNDS = ("one_run_steinke", "one_run_fdp", "one_run_fdp_accounted")
 TINY_MODEL = {"name": "tiny-gpt2", "max_length": 24, "overrides": {"n_layer": 1, "n_embd": 64, "n_head": 2}}
 
 
@@ -74,7 +80,19 @@ def _point(setting: str, epsilon: float, args: argparse.Namespace, root: Path) -
     cfg = _config(setting, epsilon, args.quick, args.full_model, args.seed, args.canaries)
     run_dir = root / f"{setting}_eps{epsilon:g}"
     t0 = time.perf_counter()
-    train(parse_config(copy.deepcopy(cfg)), run_dir, progress=False)
+    if args.noise_factor != 1.0:  # planted bug (see the module docstring)
+        import functools
+
+        from privaudit.mechanisms import dp_lora
+
+        fit = dp_lora.fit
+        dp_lora.fit = functools.partial(fit, _unsafe_noise_factor=args.noise_factor)  # type: ignore[assignment]
+        try:
+            train(parse_config(copy.deepcopy(cfg)), run_dir, progress=False)
+        finally:
+            dp_lora.fit = fit  # type: ignore[assignment]
+    else:
+        train(parse_config(copy.deepcopy(cfg)), run_dir, progress=False)
     train_s = time.perf_counter() - t0
     row: dict[str, Any] = {"setting": setting, "target_epsilon": epsilon, "train_s": round(train_s, 1),
                            "gradient_canaries": cfg["audit"]["gradient_canaries"]}
@@ -91,7 +109,9 @@ def _point(setting: str, epsilon: float, args: argparse.Namespace, root: Path) -
         for b in BOUNDS:
             lb = a.by_bound.get(b)
             cell[b] = None if lb is None else {"epsilon_lower": lb.value, "ratio": lb.value / eps, "mu": lb.mu,
-                                               "r": lb.r, "v": lb.v}
+                                               "r": lb.r, "v": lb.v, "refuted": lb.refuted,
+                                               "noise_scale": lb.noise_scale}
+        cell["verdict"] = res.verdict
         row[design] = cell
     row["total_s"] = round(time.perf_counter() - t0, 1)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -99,7 +119,8 @@ def _point(setting: str, epsilon: float, args: argparse.Namespace, root: Path) -
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'setting':<11} {'ε':>5} {'design':<20} {'AUC':>6} " + " ".join(f"{b + ' ε_l (÷ε)':>26}" for b in BOUNDS)
+    head = (f"{'setting':<11} {'ε':>5} {'design':<20} {'AUC':>6} " + " ".join(f"{b + ' ε_l (÷ε)':>26}" for b in BOUNDS)
+            + "  verdict")
     lines = [head, "-" * len(head)]
     for r in rows:
         for design in DESIGNS:
@@ -111,9 +132,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
             parts = []
             for b in BOUNDS:
                 c = cell.get(b)
-                parts.append(f"{'—':>26}" if c is None else f"{c['epsilon_lower']:>17.3f} ({c['ratio']:.3f})")
+                parts.append(f"{'—':>26}" if c is None else
+                             f"{c['epsilon_lower']:>15.3f} ({c['ratio']:.3f}){'R' if c.get('refuted') else ' '}")
             lines.append(f"{r['setting']:<11} {r['target_epsilon']:>5g} {design:<20} "
-                         f"{(f'{auc:.3f}' if isinstance(auc, float) else '—'):>6} " + " ".join(parts))
+                         f"{(f'{auc:.3f}' if isinstance(auc, float) else '—'):>6} " + " ".join(parts)
+                         + f"  {cell.get('verdict', '')}")
     return "\n".join(lines)
 
 
@@ -126,6 +149,8 @@ def main() -> int:
     ap.add_argument("--canaries", type=int, default=None, help="gradient canaries (default: the demo's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON after the table")
+    ap.add_argument("--noise-factor", type=float, default=1.0,
+                    help="planted bug: the run adds this × the recorded noise (default 1: no bug)")
     args = ap.parse_args()
     try:
         eps_list = [float(x) for x in (args.epsilons or ("4" if args.quick else "1,4,16")).split(",")]
@@ -134,6 +159,9 @@ def main() -> int:
         print("--epsilons: must be comma-separated numbers", file=sys.stderr)
         return 2
     bad = [s for s in settings if s not in ("demo", "full_batch")]
+    if not (args.noise_factor > 0):
+        print("--noise-factor: must be > 0", file=sys.stderr)
+        return 2
     if bad or not settings or any(not (e > 0) for e in eps_list):
         print(f"--settings/--epsilons: unknown setting {bad[0] if bad else ''!r} or ε <= 0", file=sys.stderr)
         return 2

@@ -486,7 +486,8 @@ def train(config_path: Path, run_dir: Path, resume: bool, quiet: bool, as_json: 
 # --------------------------------------------------------------------------------------------
 # audit
 # --------------------------------------------------------------------------------------------
-_SHORT_BOUND = {"one_run_steinke": "Steinke", "one_run_fdp": "f-DP"}  # the bound behind a table's ε lower
+_SHORT_BOUND = {"one_run_steinke": "Steinke", "one_run_fdp": "f-DP",
+                "one_run_fdp_accounted": "f-DP accounted"}  # the bound behind a table's ε lower
 
 
 @cli.command()
@@ -590,9 +591,15 @@ def audit(run_dir: Path | None, attacks: str | None, reference_models: int, conf
         power = el.get("power")
         say(f"empirical ε lower bound: {_format_eps(el['value'])} at {100 * el['confidence']:g}% "
             f"confidence ({el.get('attack') or 'no bound'}"
-            + (f", {el['bound']} bound" + (" assuming a Gaussian trade-off curve" if el.get("assumption") else "")
+            + (f", {el['bound']} bound" + ((" assuming the accounted schedule at some noise scale"
+                                            if el.get("assumption") == "accounted_family"
+                                            else " assuming a Gaussian trade-off curve") if el.get("assumption") else "")
                if el.get("bound") else "") + ")"
             + (f"; the most this audit could certify: {_format_eps(power)}" if power is not None else ""))
+        tt = acc.get("tradeoff_test")
+        if isinstance(tt, dict) and "refuted" in tt:
+            say("test against the accountant's own trade-off curve (pld): "
+                + ("REJECTED by " + ", ".join(tt.get("refuted_by", [])) if tt["refuted"] else "not rejected"))
         for c in result.claimed:
             say(f"claimed ε = {c['epsilon']:g} at δ = {c['delta']:g} ({c['source'] or 'no source'}): {c['status']}")
         say(f"verdict: {result.verdict} — {result.verdict_reason}", bold=True)

@@ -29,19 +29,29 @@ probability ½ — the canary attacks, via the one-run audit. Two one-run bounds
 same guesses and the larger is reported, with its name in ``bound``: ``one_run_steinke`` (Steinke,
 Nasr, Jagielski 2023; assumption-free) and ``one_run_fdp`` (Mahloujifar, Melis, Chaudhuri 2024: a
 lower bound on the GDP μ, reported as ε(δ) of μ-GDP, which assumes a Gaussian trade-off curve and
-says so in ``assumption``). Records are split into train/held-out at a fixed fraction, not by
+says so in ``assumption``). When the ledger is PLD-accountable under add/remove, a third test runs on
+the same guesses: ``one_run_fdp_accounted``, the same f-DP recursion against the accountant's *own*
+trade-off curve (from its δ(ε) for every ε, :mod:`privaudit.audit.accounted`). Rejecting that curve
+(``refuted``) refutes the accounting with no assumption on the mechanism's shape, so it may decide a
+``violation``; its ε_lower (ε(δ) of the smallest noise scale of the accounted schedule whose curve is
+rejected) assumes the mechanism is that schedule at some noise scale (``assumption:
+accounted_family``). Records are split into train/held-out at a fixed fraction, not by
 independent fair coins, so the record-level attacks (loss, LiRA, RMIA) report metrics (AUC, TPR at
 low FPR) but no ε bound.
 
 Multiple testing: the reported ε_lower is the maximum over K bounds (K = attacks with a bound × (the
 distinct δ values checked — the target δ and each claim's δ — for the Steinke bound, + 1 for the f-DP
-bound, whose μ serves every δ > 0)), so each bound is computed at confidence 1 − (1 − confidence)/K
+bound, whose μ serves every δ > 0, + 1 for the accounted-curve test when it runs)), so each bound is computed at confidence 1 − (1 − confidence)/K
 (Bonferroni) and the maximum holds at ``confidence``.
 
-Verdicts: ``violation`` when ε_lower exceeds the accounted ε or refutes a claim; ``no guarantee`` when
+Verdicts: ``violation`` when an assumption-free bound (Steinke's) exceeds the accounted ε, the
+accounted-curve test rejects the accountant's curve, or a claim is refuted; an ε_lower above the
+accounted ε from a bound with an assumption alone is ``inconclusive``; ``no guarantee`` when
 the ledger gives none; ``consistent`` only when a bound was computed, stays below the accounted ε, and
 the audit had the power to exceed it (``power``: the bound the design gives for perfect guesses,
-:mod:`privaudit.audit.power`); otherwise ``inconclusive``, with the reason (no attack produced a bound,
+:mod:`privaudit.audit.power`) — or, when the accounted-curve test runs, perfect guesses on the design
+would have rejected the accountant's own curve (``power_refutes_accounted``); otherwise
+``inconclusive``, with the reason (no attack produced a bound,
 or the accounted ε is above the power: even a perfect attack could not have shown a violation).
 
 Other observers (``server``, ``worker`` ...): mechanisms register attacks on their view with
@@ -71,9 +81,12 @@ from privaudit.attacks.released_model import (
 )
 from privaudit.attacks.views import registered_view_attacks
 from privaudit.audit.bounds import (
+    ACCOUNTED_FAMILY,
     EpsilonLowerBound,
+    TradeoffFamily,
     one_run_audit_best,
     one_run_bounds_best,
+    one_run_fdp_claim_refutable,
 )
 from privaudit.audit.power import audit_power
 
@@ -139,6 +152,8 @@ class AttackResult:
     power: float | None = None  # the largest ε_lower this attack's design could certify (perfect guesses)
     by_bound: Mapping[str, EpsilonLowerBound] = field(default_factory=dict)  # every bound at the target δ
     sound_bounds: Mapping[float, EpsilonLowerBound] = field(default_factory=dict)  # assumption-free, per δ
+    # would perfect guesses on this design reject the accountant's own curve? (None: test not run)
+    power_refutes_accounted: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "metrics": _jsonable(dict(self.metrics))}
@@ -150,6 +165,8 @@ class AttackResult:
             el["bound"] = bound_name(self.epsilon_lower)
             if self.power is not None:
                 el["power"] = self.power
+            if self.power_refutes_accounted is not None:
+                el["power_refutes_accounted"] = self.power_refutes_accounted
             out["epsilon_lower"] = el
             if self.by_bound:
                 out["epsilon_lower_by_bound"] = {k: b.to_json() for k, b in self.by_bound.items()}
@@ -380,8 +397,12 @@ def _mechanism_parts(manifest: Mapping[str, Any], accounted: dict[str, Any], rea
 
 
 def bound_name(b: EpsilonLowerBound) -> str:
-    """The name a result gives the bound: ``one_run_steinke`` | ``one_run_fdp`` | the method."""
+    """The name a result gives the bound: ``one_run_steinke`` | ``one_run_fdp`` |
+    ``one_run_fdp_accounted`` | the method."""
     return "one_run_steinke" if b.method == "one_run" else b.method
+
+
+_ASSUMPTION_TEXT = {ACCOUNTED_FAMILY: "assuming the mechanism is the accounted schedule at some noise scale"}
 
 
 def _bound_label(r: AttackResult | None) -> str | None:
@@ -389,30 +410,37 @@ def _bound_label(r: AttackResult | None) -> str | None:
     if r is None or r.epsilon_lower is None:
         return None if r is None else r.name
     b = r.epsilon_lower
-    extra = " assuming a Gaussian trade-off curve" if b.assumption else ""
+    extra = (" " + _ASSUMPTION_TEXT.get(b.assumption, "assuming a Gaussian trade-off curve")) if b.assumption else ""
     return f"{r.name}, {bound_name(b)} bound{extra}"
 
 
-def _n_bound_tests(deltas: Sequence[float]) -> int:
-    """Bonferroni tests one attack spends: one Steinke bound per δ, one f-DP μ bound for all δ > 0."""
-    return len(deltas) + (1 if any(d > 0 for d in deltas) else 0)
+def _n_bound_tests(deltas: Sequence[float], accounted: bool = False) -> int:
+    """Bonferroni tests one attack spends: one Steinke bound per δ, one f-DP μ bound for all δ > 0,
+    one accounted-curve test (all δ, all noise scales: a confidence set) when it runs."""
+    return len(deltas) + (1 if any(d > 0 for d in deltas) else 0) + (1 if accounted else 0)
 
 
-def _bounds(scores: AttackScores, deltas: Sequence[float], confidence: float, seed: int
+def _bounds(scores: AttackScores, deltas: Sequence[float], confidence: float, seed: int,
+            family: TradeoffFamily | None = None
             ) -> tuple[dict[float, EpsilonLowerBound], dict[str, EpsilonLowerBound], dict[float, EpsilonLowerBound]]:
     """Every one-run bound of one attack, each at ``confidence`` (already Bonferroni-corrected by the
-    caller): ({δ: the larger bound at δ}, {bound name: bound at deltas[0]}, {δ: the assumption-free
-    (Steinke) bound at δ}). The f-DP bound holds only for a Gaussian trade-off curve, so a verdict of
-    violation rests on the assumption-free one alone."""
+    caller): ({δ: the largest bound at δ}, {bound name: bound at deltas[0]}, {δ: the assumption-free
+    (Steinke) bound at δ}). The f-DP bound holds only for a Gaussian trade-off curve and the
+    accounted-curve ε only for the accounted family, so an ε-based verdict of violation rests on the
+    Steinke bound; the accounted test's ``refuted`` flag (in by_bound) is assumption-free."""
     assert scores.member_scores is not None and scores.nonmember_scores is not None
     s = np.concatenate([scores.member_scores, scores.nonmember_scores])
     inc = np.concatenate([np.ones(scores.member_scores.size, bool), np.zeros(scores.nonmember_scores.size, bool)])
     steinke = {d: one_run_audit_best(s, inc, d, confidence, seed=seed) for d in deltas}
     pos = [d for d in deltas if d > 0]
     fdp = one_run_bounds_best(s, inc, pos, confidence, ("one_run_fdp",), seed=seed)["one_run_fdp"] if pos else {}
-    best = {d: max([steinke[d]] + ([fdp[d]] if d in fdp else []), key=lambda b: b.value) for d in deltas}
+    acc: dict[float, EpsilonLowerBound] = {}
+    if family is not None and pos:
+        acc = one_run_bounds_best(s, inc, pos, confidence, ("one_run_fdp_accounted",), seed=seed,
+                                  family=family)["one_run_fdp_accounted"]
+    best = {d: max([steinke[d]] + [x[d] for x in (fdp, acc) if d in x], key=lambda b: b.value) for d in deltas}
     target = deltas[0]
-    by_bound = {bound_name(b): b for b in [steinke[target]] + ([fdp[target]] if target in fdp else [])}
+    by_bound = {bound_name(b): b for b in [steinke[target]] + [x[target] for x in (fdp, acc) if target in x]}
     return best, by_bound, steinke
 
 
@@ -452,19 +480,30 @@ def _fmt(x: float) -> str:
 def _verdict(has_guarantee: bool, compared: float, compared_by: str | None, delta: float,
              top: EpsilonLowerBound | None, top_attack: str | None, claims: Sequence[dict[str, Any]],
              n_attacks: int, observer: str, confidence: float, power: float | None = None,
-             power_attack: str | None = None, sound_lower: float | None = None) -> tuple[Verdict, str]:
+             power_attack: str | None = None, sound_lower: float | None = None,
+             accounted_refuted: str | None = None, accounted_power: str | None = None) -> tuple[Verdict, str]:
     """The verdict and its one-sentence reason (see the module docstring).
 
     ``consistent`` only when a valid bound was computed and the design had the power to exceed the
     accounted ε (``power``: the largest ε_lower any attack's design could certify); otherwise, with a
-    guarantee and no violation, ``inconclusive`` with the reason."""
+    guarantee and no violation, ``inconclusive`` with the reason. ``accounted_refuted``: the attack
+    whose guesses rejected the accountant's own trade-off curve (``one_run_fdp_accounted``), if any;
+    ``accounted_power``: an attack whose design's perfect guesses would have rejected it (then the audit
+    had the power to show a violation even where the Steinke power is below the accounted ε)."""
     lower = top.value if top is not None else 0.0
     sound = lower if sound_lower is None else sound_lower  # the assumption-free bound decides a violation
     refuted = [c for c in claims if c["status"] == "refuted"]
+    if has_guarantee and accounted_refuted is not None:
+        return "violation", (f"the f-DP one-run test against the accountant's own trade-off curve rejects it "
+                             f"({accounted_refuted}, one_run_fdp_accounted, {100 * confidence:g}% confidence): the "
+                             "run is not as private as its ledger's privacy profile says, whatever the mechanism's "
+                             f"shape (accounted ε = {_fmt(compared)} at δ = {delta:g}, {compared_by}; largest "
+                             f"ε_lower = {_fmt(lower)}, Steinke {_fmt(sound)}): an implementation bug")
     if has_guarantee and lower > compared and sound <= compared:
         return "inconclusive", (f"the f-DP bound gives ε_lower = {_fmt(lower)} ({top_attack}) at δ = {delta:g}, above "
                                 f"the accounted ε = {_fmt(compared)} ({compared_by}), but it assumes a Gaussian "
-                                "trade-off curve, which a subsampled mechanism need not have; no assumption-free "
+                                "trade-off curve, which a subsampled mechanism need not have; neither the test "
+                                "against the accountant's own curve (when it ran) nor any assumption-free "
                                 f"bound exceeds the accounted ε (largest {_fmt(sound)}): worth investigating, not a "
                                 "proof of a violation")
     if has_guarantee and lower > compared:
@@ -492,7 +531,7 @@ def _verdict(has_guarantee: bool, compared: float, compared_by: str | None, delt
                                 "attacks report metrics only; a bound needs units included by fair coins, e.g. "
                                 "canaries), so the audit cannot test the accounted ε = "
                                 f"{_fmt(compared)} ({compared_by})")
-    if power < compared:
+    if power < compared and accounted_power is None:
         return "inconclusive", (f"the audit's design could certify at most ε_lower = {_fmt(power)} "
                                 f"({power_attack}, perfect guesses, {100 * confidence:g}% confidence, δ = {delta:g}), "
                                 f"below the accounted ε = {_fmt(compared)} ({compared_by}): even a perfect attack "
@@ -503,9 +542,11 @@ def _verdict(has_guarantee: bool, compared: float, compared_by: str | None, delt
         what.append(f"the accounted ε = {_fmt(compared)} ({compared_by})")
     if claims:
         what.append("every claim" if len(claims) > 1 else f"the claimed ε = {_fmt(claims[0]['epsilon'])}")
+    could = (f"the design could have certified up to {_fmt(power)} ({power_attack})" if power >= compared else
+             f"perfect guesses on the design ({accounted_power}) would have rejected the accountant's own trade-off "
+             "curve (one_run_fdp_accounted), which this audit's guesses did not")
     return "consistent", (f"the empirical lower bound ε_lower = {_fmt(lower)} at δ = {delta:g} "
-                          f"({top_attack or 'no bound'}) does not exceed {' nor '.join(what)}, and the design "
-                          f"could have certified up to {_fmt(power)} ({power_attack})")
+                          f"({top_attack or 'no bound'}) does not exceed {' nor '.join(what)}, and {could}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -654,13 +695,16 @@ def _load(run_dir: str | Path, public_key: Any = None, model_path: str | Path | 
 
 
 def score_attacks(outcomes: Sequence[AttackScores], delta: float, deltas: Sequence[float], confidence: float,
-                  seed: int, n_bootstrap: int) -> tuple[list[AttackResult], list[AttackScores], int, float]:
+                  seed: int, n_bootstrap: int, family: TradeoffFamily | None = None
+                  ) -> tuple[list[AttackResult], list[AttackScores], int, float]:
     """Metrics of every attack and, for those whose units were included by fair coins, one-run ε lower
     bounds at each δ in ``deltas``, Bonferroni-corrected over all of them (so their maximum holds at
-    ``confidence``). Returns (results, the bounded outcomes, number of bounds, per-bound confidence)."""
+    ``confidence``). ``family``: the accountant's trade-off family (:mod:`privaudit.audit.accounted`)
+    for the ``one_run_fdp_accounted`` test, or None. Returns (results, the bounded outcomes, number of
+    bounds, per-bound confidence)."""
     bounded = [o for o in outcomes if o.bound == "one_run" and o.member_scores is not None
                and o.nonmember_scores is not None and o.member_scores.size + o.nonmember_scores.size > 0]
-    n_bounds = len(bounded) * _n_bound_tests(deltas)
+    n_bounds = len(bounded) * _n_bound_tests(deltas, family is not None)
     per_conf = 1.0 - (1.0 - confidence) / max(n_bounds, 1)
     results: list[AttackResult] = []
     for i, o in enumerate(outcomes):
@@ -668,10 +712,15 @@ def score_attacks(outcomes: Sequence[AttackScores], delta: float, deltas: Sequen
         note = "; ".join(x for x in (o.note, why) if x) or None
         if any(o is b for b in bounded):
             order = [delta] + [d for d in deltas if d != delta]
-            by_delta, by_bound, sound = _bounds(o, order, per_conf, _derived_seed(seed, i, 0x424E44))
+            by_delta, by_bound, sound = _bounds(o, order, per_conf, _derived_seed(seed, i, 0x424E44), family)
+            refutable = None
+            if family is not None:
+                assert o.member_scores is not None and o.nonmember_scores is not None
+                design = np.concatenate([np.ones(o.member_scores.size, bool), np.zeros(o.nonmember_scores.size, bool)])
+                refutable = one_run_fdp_claim_refutable(design, family, per_conf)
             results.append(AttackResult(o.name, o.kind, metrics, roc, by_delta[delta], by_delta, confidence, note,
                                         power=_power(o, delta, per_conf, _derived_seed(seed, i, 0x424E44)),
-                                        by_bound=by_bound, sound_bounds=sound))
+                                        by_bound=by_bound, sound_bounds=sound, power_refutes_accounted=refutable))
         else:
             results.append(AttackResult(o.name, o.kind, metrics, roc, None, {}, None, note))
     return results, bounded, n_bounds, per_conf
@@ -774,7 +823,17 @@ def audit_run(
         # -- bounds (Bonferroni over every bound the verdict uses) ------------------------------
         prog.log("bounds and verdict")
         deltas = sorted({delta} | {float(c.delta) for c in claims})
-        results, bounded, n_bounds, per_conf = score_attacks(outcomes, delta, deltas, confidence, seed, n_bootstrap)
+        family, no_family = None, "the ledger gives no guarantee"
+        if has_guarantee:
+            from privaudit.audit.accounted import accounted_family
+
+            family, no_family = accounted_family(run.ledger)
+        accounted["tradeoff_test"] = (
+            {"bound": "one_run_fdp_accounted", "accountant": "pld", "neighbouring": "add_remove",
+             "curve": "f(α) = sup_ε max(0, 1 − δ(ε) − e^ε α, e^−ε (1 − δ(ε) − α)) from the pessimistic PLD"}
+            if family is not None else {"bound": "one_run_fdp_accounted", "skipped": no_family})
+        results, bounded, n_bounds, per_conf = score_attacks(outcomes, delta, deltas, confidence, seed, n_bootstrap,
+                                                             family)
 
         with_bounds = [r for r in results if r.epsilon_lower is not None]
         top = max(with_bounds, key=lambda r: r.epsilon_lower.value) if with_bounds else None  # type: ignore[union-attr]
@@ -788,6 +847,7 @@ def audit_run(
                 "correction": "bonferroni", "n_bounds": n_bounds,
                 "note": f"maximum over {n_bounds} bounds ({len(bounded)} attacks × ({len(deltas)} δ values for the "
                         "Steinke bound" + (" + 1 f-DP μ bound" if _n_bound_tests(deltas) > len(deltas) else "")
+                        + (" + 1 accounted-curve test" if family is not None else "")
                         + f")), each at confidence 1 − {1 - confidence:g}/{n_bounds}",
                 "power": power, "power_attack": strongest.name if strongest is not None else None,
                 "power_note": "the largest ε_lower the audit's design could certify (perfect guesses, same "
@@ -795,7 +855,10 @@ def audit_run(
             }
             if top_bound.assumption:
                 eps_lower["assumption"] = top_bound.assumption
-                eps_lower["mu"] = top_bound.mu
+                if top_bound.mu is not None:
+                    eps_lower["mu"] = top_bound.mu
+                if top_bound.noise_scale is not None:
+                    eps_lower["noise_scale"] = top_bound.noise_scale
         else:
             eps_lower = {"value": 0.0, "confidence": confidence, "method": "none", "attack": None, "delta": delta,
                          "n_bounds": 0, "power": None, "note": "no attack of this audit supports an ε lower bound "
@@ -809,14 +872,25 @@ def audit_run(
                      "epsilon_lower": best[0], "attack": best[1], "epsilon_lower_assumption_free": sound,
                      "status": "refuted" if sound > float(c.epsilon) else "not refuted"}
             if best[0] > float(c.epsilon) >= sound:
-                entry["note"] = ("only the f-DP bound, which assumes a Gaussian trade-off curve, exceeds the claim; "
-                                 "no assumption-free bound does, so it is not refuted")
+                entry["note"] = ("only a bound with an assumption (the f-DP bound's Gaussian trade-off curve or the "
+                                 "accounted family's noise scale) exceeds the claim; no assumption-free bound does, "
+                                 "so it is not refuted")
             claimed.append(entry)
         sound_lower = max((r.sound_bounds[delta].value for r in with_bounds if delta in r.sound_bounds), default=0.0)
+        refutable = [r.name for r in with_bounds if r.power_refutes_accounted]
+        if top_bound is not None and family is not None:
+            eps_lower["power_refutes_accounted"] = bool(refutable)
+        refuting = [r.name for r in with_bounds
+                    if (b := r.by_bound.get("one_run_fdp_accounted")) is not None and b.refuted]
+        if family is not None:
+            accounted["tradeoff_test"]["refuted"] = bool(refuting)
+            if refuting:
+                accounted["tradeoff_test"]["refuted_by"] = refuting
         verdict, reason = _verdict(has_guarantee, compared, compared_by, delta, top_bound,
                                    _bound_label(top), claimed, len(outcomes), observer,
                                    confidence, power, strongest.name if strongest is not None else None,
-                                   sound_lower=sound_lower)
+                                   sound_lower=sound_lower, accounted_refuted=refuting[0] if refuting else None,
+                                   accounted_power=refutable[0] if refutable else None)
         accounted, reason = _mechanism_parts(run.manifest, accounted, reason, results)
         public_settings = {k: v for k, v in settings.items() if not k.startswith("_")}
         public_settings.update({

@@ -41,6 +41,17 @@ Methods (REFERENCES §7):
   G_μ the same recursion gives about the Steinke bound (measured: 2.01 vs 2.02 at m = r = 1000,
   v = 900, δ = 1e-5): the gain comes from the Gaussian shape. Reference implementation
   (jax_privacy 2.0 ``_epsilon_one_run_fdp``): m = r = 1000, v = 900, δ = 1e-5, 95% → 3.779.
+* ``one_run_fdp_accounted``: the same recursion (same code path, :func:`_fdp_recursion`) with the
+  trade-off curve of a *claimed privacy profile*, f(α) = sup_j max(0, 1 − δ_j − e^{ε_j}α,
+  e^{−ε_j}(1 − δ_j − α)) (:class:`TradeoffCurve`; for a run, the PLD accountant's own pessimistic
+  profile, :mod:`privaudit.audit.accounted`). A rejection refutes the claim with no assumption on
+  the mechanism's shape (the curve is implied by the claim). Family variant
+  (:class:`TradeoffFamily`): curves f_c indexed by a noise scale c, pointwise non-decreasing in c,
+  scanned from the largest c down to the first curve not rejected; every rejected c is excluded
+  (each test at level τ; one hypothesis is true, so no correction among the scales), and ε_lower is
+  ε(δ) of the smallest rejected scale, valid *if* the mechanism's curve is a member
+  (``assumption="accounted_family"``); ``refuted`` says whether the claim's own curve (c = 1) was
+  rejected.
 * ``gdp`` (optional): a lower bound on the Gaussian-DP parameter μ (valid without assumptions) and
   the ε(δ) a μ-GDP mechanism would have — the latter *assumes* a Gaussian trade-off curve.
 
@@ -53,7 +64,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -82,19 +93,32 @@ __all__ = [
     "one_run_bounds_best",
     "ONE_RUN_BOUNDS",
     "GAUSSIAN_TRADEOFF",
+    "ACCOUNTED_FAMILY",
+    "TradeoffCurve",
+    "TradeoffFamily",
+    "one_run_fdp_curve_rejects",
+    "one_run_fdp_family_bound",
+    "one_run_fdp_claim_refutable",
 ]
 
 GAUSSIAN_TRADEOFF = "gaussian_tradeoff"
 """``assumption`` of an ε converted from a GDP μ: valid if the mechanism's trade-off curve is Gaussian."""
-ONE_RUN_BOUNDS: tuple[str, ...] = ("one_run", "one_run_fdp")
-"""The one-run bounds :func:`one_run_bounds_best` can try: Steinke et al. 2023 and the f-DP bound."""
+ACCOUNTED_FAMILY = "accounted_family"
+"""``assumption`` of the ε of ``one_run_fdp_accounted``: the mechanism's trade-off curve is that of the
+accounted schedule with every noise multiplier scaled by one unknown factor (its ``refuted`` flag
+needs no assumption)."""
+ONE_RUN_BOUNDS: tuple[str, ...] = ("one_run", "one_run_fdp", "one_run_fdp_accounted")
+"""The one-run bounds :func:`one_run_bounds_best` can try: Steinke et al. 2023, the f-DP bound
+against the Gaussian family, and the f-DP test against the accountant's own trade-off curves (needs
+a :class:`TradeoffFamily`)."""
 
 
 @dataclass(frozen=True)
 class EpsilonLowerBound:
     """An empirical lower bound on ε at ``delta``, holding with probability ≥ ``confidence``.
 
-    ``method``: ``clopper_pearson`` | ``one_run`` (Steinke et al.) | ``one_run_fdp`` | ``gdp``. ``selection``: how the test (threshold,
+    ``method``: ``clopper_pearson`` | ``one_run`` (Steinke et al.) | ``one_run_fdp`` |
+    ``one_run_fdp_accounted`` | ``gdp``. ``selection``: how the test (threshold,
     guess counts) was chosen — ``fixed`` (given in advance), ``held_out_split`` (chosen on a disjoint
     random part of the data), ``bonferroni_grid`` (best of ``n_tests`` fixed tests, each run at
     α/``n_tests``). The remaining fields are the statistics behind the value (None where not used).
@@ -125,6 +149,9 @@ class EpsilonLowerBound:
     mu: float | None = None
     note: str | None = None
     assumption: str | None = None  # e.g. GAUSSIAN_TRADEOFF: what ``value`` assumes beyond the game
+    # accountant's trade-off curve (``one_run_fdp_accounted``)
+    refuted: bool | None = None  # the accountant's own curve (noise scale 1) was rejected: no assumption
+    noise_scale: float | None = None  # smallest noise scale of the family whose curve was rejected
 
     @property
     def significant(self) -> bool:
@@ -539,23 +566,33 @@ def epsilon_lower_bound_gdp(tp: int, fn: int, fp: int, tn: int, delta: float, co
 _MU_SEARCH_MAX = 64.0  # beyond this μ every ε(δ) of interest is astronomically large
 
 
-def _fdp_rejects(m: int, r: int, v: int, mu: NDArray[np.float64], tau: float) -> NDArray[np.bool_]:
-    """For each μ in ``mu``: is "the mechanism is μ-GDP" rejected at level ``tau`` by v correct of r
-    guesses on m canaries? (recursion in the module docstring, k = 2; vectorised over μ)."""
-    from scipy.special import ndtr, ndtri
-
+def _fdp_recursion(m: int, r: int, v: int, finv_bar: Callable[[NDArray[np.float64]], NDArray[np.float64]],
+                   n: int, tau: float) -> NDArray[np.bool_]:
+    """The Mahloujifar–Melis–Chaudhuri recursion (module docstring, k = 2) for ``n`` trade-off curves
+    at once: ``finv_bar(y)`` maps an array of shape (n,) (values in [0, 1]) to f̄_j⁻¹(y_j) = f_j(1 − y_j)
+    for each symmetric curve f_j. True where "the mechanism is f_j-DP" is rejected at level ``tau``
+    by v correct of r guesses on m canaries. The Gaussian family and the accountant's curves
+    (:class:`TradeoffCurve`) share this code path."""
     if v == 0 or r == 0:
-        return np.zeros(mu.shape, dtype=bool)
-    rr = np.full(mu.shape, tau * v / m)
-    h = np.full(mu.shape, tau * (r - v) / m)
+        return np.zeros(n, dtype=bool)
+    rr = np.full(n, tau * v / m)
+    h = np.full(n, tau * (r - v) / m)
     for i in range(v - 1, -1, -1):
-        h_new = np.maximum(h, ndtr(ndtri(np.clip(rr, 0.0, 1.0)) - mu))
+        h_new = np.maximum(h, finv_bar(np.clip(rr, 0.0, 1.0)))
         grew = h_new > h
-        if not grew.any():  # h (and then r) can no longer change for any μ
+        if not grew.any():  # h (and then r) can no longer change for any curve
             break
         rr = np.where(grew, np.minimum(rr + (i / (r - i)) * (h_new - h), 1.0), rr)
         h = np.where(grew, h_new, h)
     return rr + h > r / m
+
+
+def _fdp_rejects(m: int, r: int, v: int, mu: NDArray[np.float64], tau: float) -> NDArray[np.bool_]:
+    """For each μ in ``mu``: is "the mechanism is μ-GDP" rejected at level ``tau`` by v correct of r
+    guesses on m canaries? (G_μ: f̄⁻¹(y) = Φ(Φ⁻¹(y) − μ); vectorised over μ)."""
+    from scipy.special import ndtr, ndtri
+
+    return _fdp_recursion(m, r, v, lambda y: ndtr(ndtri(y) - mu), mu.size, tau).reshape(mu.shape)
 
 
 def one_run_fdp_rejects(m: int, r: int, v: int, mu: float, confidence: float = 0.95) -> bool:
@@ -647,18 +684,220 @@ def one_run_fdp_audit_from_scores(
     return replace(_fdp_bound(s.size, r, v, [delta], confidence, 1)[delta], k_plus=k_plus, k_minus=k_minus)
 
 
+
+# --------------------------------------------------------------------------------------------------
+# f-DP one-run test against the accountant's own trade-off curve
+
+
+@dataclass(frozen=True, eq=False)
+class TradeoffCurve:
+    """The trade-off curve implied by a privacy profile: (ε_j, δ_j)-DP for every j, in both orders.
+
+    f(α) = max(0, max_j (1 − δ_j − e^{ε_j}·α), max_j e^{−ε_j}·(1 − δ_j − α))  (α = type I error).
+
+    Why this is a valid f-DP curve (Dong, Roth, Su 2019, Prop. 2.12, the primal–dual view): if for
+    both orders of every neighbouring pair (P, Q) of outputs and every test φ (reject the first
+    hypothesis), E_Q[φ] ≤ e^ε·E_P[φ] + δ and E_P[1 − φ] ≤ e^ε·E_Q[1 − φ] + δ, then with α = E_P[φ]
+    and β = 1 − E_Q[φ]: β ≥ 1 − δ − e^ε·α and β ≥ e^{−ε}·(1 − δ − α). Every j gives such a line, so
+    T(P, Q) ≥ f. For the *tight* profile δ(ε) of all ε ≥ 0 the supremum is the symmetrised
+    trade-off curve itself; a finite set of ε_j, or any δ_j ≥ δ(ε_j) (an accountant's pessimistic
+    upper bound), gives a smaller f — a weaker hypothesis, so rejecting it rejects the true claim
+    a fortiori. f is symmetric (f = f⁻¹), which the one-run recursion uses: f̄⁻¹(y) = f(1 − y).
+    ``epsilons``: finite, ≥ 0; ``deltas``: in [0, 1], same length (≥ 1).
+    """
+
+    epsilons: NDArray[np.float64]
+    deltas: NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        e = np.asarray(self.epsilons, dtype=np.float64).ravel()
+        d = np.asarray(self.deltas, dtype=np.float64).ravel()
+        if e.size == 0 or e.size != d.size:
+            raise ValueError(f"epsilons: need >= 1 value and as many deltas ({e.size} vs {d.size})")
+        if not (np.isfinite(e).all() and (e >= 0).all()):
+            raise ValueError("epsilons: must be finite and >= 0")
+        if not (np.isfinite(d).all() and ((d >= 0) & (d <= 1)).all()):
+            raise ValueError("deltas: must be in [0, 1]")
+        object.__setattr__(self, "epsilons", e)
+        object.__setattr__(self, "deltas", d)
+
+    def __call__(self, alpha: ArrayLike) -> NDArray[np.float64]:
+        """f(α) for α in [0, 1] (array in, array out)."""
+        a = np.clip(np.asarray(alpha, dtype=np.float64), 0.0, 1.0)
+        return _curve_values(self.epsilons[None, :], self.deltas[None, :], a.reshape(1, -1)).reshape(a.shape)
+
+
+def _curve_values(e: NDArray[np.float64], d: NDArray[np.float64], a: NDArray[np.float64]) -> NDArray[np.float64]:
+    """f_i(a_ik) for curves given by rows of e, d (shape (n, J)) at points a (shape (n, K))."""
+    with np.errstate(over="ignore"):
+        one = 1.0 - d[:, None, :] - np.exp(e)[:, None, :] * a[:, :, None]
+    two = np.exp(-e)[:, None, :] * (1.0 - d[:, None, :] - a[:, :, None])
+    return np.maximum(np.maximum(one, two).max(axis=2), 0.0)
+
+
+def _stack(curves: Sequence[TradeoffCurve]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Rows (ε_j, δ_j) padded with (0, 1) — the line of (0, 1)-DP, which says nothing."""
+    width = max(c.epsilons.size for c in curves)
+    e, d = np.zeros((len(curves), width)), np.ones((len(curves), width))
+    for i, c in enumerate(curves):
+        e[i, : c.epsilons.size], d[i, : c.deltas.size] = c.epsilons, c.deltas
+    return e, d
+
+
+def _curves_reject(m: int, r: int, v: int, curves: Sequence[TradeoffCurve], tau: float) -> NDArray[np.bool_]:
+    """For each curve f: is "the mechanism is f-DP" rejected at level ``tau``? (same recursion as
+    the Gaussian family, :func:`_fdp_recursion`)."""
+    e, d = _stack(curves)
+
+    def finv_bar(y: NDArray[np.float64]) -> NDArray[np.float64]:
+        return _curve_values(e, d, (1.0 - y)[:, None])[:, 0]
+
+    return _fdp_recursion(m, r, v, finv_bar, len(curves), tau)
+
+
+def one_run_fdp_curve_rejects(m: int, r: int, v: int, curve: TradeoffCurve, confidence: float = 0.95) -> bool:
+    """True when v correct of r guesses on m fair-coin canaries reject "the mechanism is f-DP" for the
+    trade-off curve ``curve`` at level 1 − ``confidence`` (Mahloujifar, Melis, Chaudhuri 2024). With
+    the accountant's curve of a run this refutes the accounting without any assumption on the
+    mechanism's shape (add/remove of one canary; see :class:`TradeoffCurve`)."""
+    m, r, v = _check_mrv(m, r, v)
+    if not isinstance(curve, TradeoffCurve):
+        raise ValueError(f"curve: must be a TradeoffCurve, got {type(curve).__name__}")
+    return bool(_curves_reject(m, r, v, [curve], 1.0 - _check_confidence(confidence))[0])
+
+
+@dataclass(frozen=True, eq=False)
+class TradeoffFamily:
+    """Trade-off curves f_c indexed by a noise scale c on a fixed grid ``scales`` (increasing), with
+    f_c pointwise non-decreasing in c (more noise on the same schedule is a post-processing of less:
+    true for the Gaussian and Laplace mechanisms, subsampled or not, and their compositions).
+
+    ``curve(c)``: a valid lower bound on member c's trade-off curve (the accountant's pessimistic
+    curve); ``epsilon(c, δ)``: a *lower* bound on member c's ε(δ) (the accountant's optimistic
+    value). ``claim``: the scale of the accounted mechanism itself (1.0; must be in ``scales``).
+    Callers should cache ``curve`` (it is called once per scale and guess setting).
+    """
+
+    scales: tuple[float, ...]
+    curve: Callable[[float], TradeoffCurve]
+    epsilon: Callable[[float, float], float]
+    claim: float = 1.0
+    description: str = "the accountant's trade-off curves along the run's schedule, noise scaled by c"
+
+    def __post_init__(self) -> None:
+        sc = tuple(float(x) for x in self.scales)
+        if not sc or any(not (math.isfinite(x) and x > 0) for x in sc) or any(b <= a for a, b in zip(sc, sc[1:])):
+            raise ValueError("scales: must be finite, > 0 and strictly increasing")
+        if self.claim not in sc:
+            raise ValueError(f"claim: {self.claim!r} must be one of scales")
+        object.__setattr__(self, "scales", sc)
+
+
+_FAMILY_CHUNK = 8  # curves tested at once when scanning the family downwards
+
+
+def _family_scan(m: int, r: int, v: int, family: TradeoffFamily, tau: float) -> tuple[int | None, bool]:
+    """Scan the family from the largest scale down until a curve is *not* rejected.
+
+    Returns (index of the smallest scale of the rejected run at the top, or None when the top is not
+    rejected; whether the claim's curve is rejected). Sound without monotonicity of the test in c:
+    with c_* the first non-rejected scale from the top, every c ≥ c_*'s successor was rejected, and a
+    mechanism with trade-off f_c (c ∈ [c_i, c_{i+1})) is f_{c_i}-DP, so only c < c_{i*+1} survive."""
+    sc = family.scales
+    claim_i = sc.index(family.claim)
+    hi = len(sc)  # sc[hi:] are rejected
+    stopped = False
+    while hi > 0 and not stopped:
+        lo = max(0, hi - _FAMILY_CHUNK)
+        rej = _curves_reject(m, r, v, [family.curve(c) for c in sc[lo:hi]], tau)
+        for k in range(hi - lo - 1, -1, -1):
+            if not rej[k]:
+                stopped = True
+                hi = lo + k + 1
+                break
+        else:
+            hi = lo
+    boundary = hi if hi < len(sc) else None
+    if hi <= claim_i:
+        claim_rejected = True
+    elif not stopped or hi - 1 == claim_i:
+        claim_rejected = False  # the scan stopped at (or below) the claim without rejecting it
+    else:
+        claim_rejected = bool(_curves_reject(m, r, v, [family.curve(family.claim)], tau)[0])
+    return boundary, claim_rejected
+
+
+def _family_bound(m: int, r: int, v: int, family: TradeoffFamily, deltas: Sequence[float], confidence: float,
+                  n_tests: int) -> dict[float, EpsilonLowerBound]:
+    tau = (1.0 - confidence) / n_tests
+    boundary, refuted = _family_scan(m, r, v, family, tau)
+    scale = family.scales[boundary] if boundary is not None else None
+    out: dict[float, EpsilonLowerBound] = {}
+    for d in deltas:
+        value = max(0.0, float(family.epsilon(scale, d))) if scale is not None else 0.0
+        out[d] = EpsilonLowerBound(
+            value=value, confidence=confidence, method="one_run_fdp_accounted", delta=d, n_tests=n_tests,
+            selection="fixed" if n_tests == 1 else "bonferroni_grid", m=m, r=r, v=v,
+            assumption=ACCOUNTED_FAMILY, refuted=refuted, noise_scale=scale,
+            note="refuted: the accountant's own trade-off curve is rejected (no assumption); epsilon = "
+                 "epsilon(delta) of the least-noisy family member not excluded (noise_scale: the smallest "
+                 "rejected scale), valid if the mechanism is the accounted schedule at some noise scale",
+        )
+    return out
+
+
+def one_run_fdp_family_bound(m: int, r: int, v: int, family: TradeoffFamily, delta: float,
+                             confidence: float = 0.95) -> EpsilonLowerBound:
+    """f-DP one-run test against a family of trade-off curves (e.g. the accountant's, noise scaled by
+    c ∈ ``family.scales``): ``refuted`` says whether the claim's own curve is rejected at
+    ``confidence`` (assumption-free: refutes the accounting), ``value`` is ε(δ) of the smallest
+    rejected scale c* (a lower bound on the mechanism's ε *if* its trade-off curve is a member:
+    every member with c ≥ c* is excluded). 0 when even the largest scale is not rejected."""
+    m, r, v = _check_mrv(m, r, v)
+    delta = _check_delta(delta)
+    return _family_bound(m, r, v, family, [delta], _check_confidence(confidence), 1)[delta]
+
+
+def one_run_fdp_claim_refutable(included: ArrayLike, family: TradeoffFamily, confidence: float = 0.95,
+                                grid: Sequence[tuple[int, int]] | None = None) -> bool:
+    """Power of the accounted-curve test on a design: would *perfect* guesses (every included unit
+    ranked above every excluded one) reject the claim's own curve ``family.curve(family.claim)`` at
+    some grid point, each tested at (1 − confidence)/G as in :func:`one_run_bounds_best`? If not, no
+    attack on this design can refute the claim with this test. Depends on the design only."""
+    inc = np.asarray(included, dtype=bool).ravel()
+    if inc.size == 0:
+        raise ValueError("included: the design has no randomised unit")
+    confidence = _check_confidence(confidence)
+    pairs = list(grid) if grid is not None else default_one_run_grid(inc.size)
+    if not pairs:
+        raise ValueError("grid: must contain at least one (k_plus, k_minus) pair")
+    order = _guess_order(inc.astype(np.float64), 0)
+    tau = (1.0 - confidence) / len(pairs)
+    claim = family.curve(family.claim)
+    for kp, km in pairs:
+        r, v = _one_run_counts(order, inc, _check_count(kp, "k_plus"), _check_count(km, "k_minus"))
+        if _curves_reject(inc.size, r, v, [claim], tau)[0]:
+            return True
+    return False
+
+
 def one_run_bounds_best(
     scores: ArrayLike, included: ArrayLike, deltas: Sequence[float], confidence: float = 0.95,
-    bounds: Sequence[str] = ONE_RUN_BOUNDS, grid: Sequence[tuple[int, int]] | None = None, seed: int = 0,
+    bounds: Sequence[str] = ("one_run", "one_run_fdp"), grid: Sequence[tuple[int, int]] | None = None,
+    seed: int = 0, family: TradeoffFamily | None = None,
 ) -> dict[str, dict[float, EpsilonLowerBound]]:
     """Every one-run bound in ``bounds`` at every δ in ``deltas``, each the best over the guess grid,
     with one Bonferroni correction over everything tried so that *all* returned values hold
     jointly at ``confidence`` (and so their maximum does).
 
     Tests counted: ``one_run`` (Steinke) is one test per grid point and δ; ``one_run_fdp`` one per
-    grid point (its μ bound serves every δ). n_tests = G·(len(deltas)·[one_run] + [one_run_fdp]);
-    each test runs at (1 − confidence)/n_tests. Grid default: :func:`default_one_run_grid` (depends
-    only on m); guesses as in :func:`one_run_audit_from_scores`. Returns ``{bound: {δ: result}}``.
+    grid point (its μ bound serves every δ); ``one_run_fdp_accounted`` (needs ``family``) one per
+    grid point (a confidence set over the family's scales: one hypothesis is true, so the scales
+    need no correction among themselves; its claim test is one of them). n_tests =
+    G·(len(deltas)·[one_run] + [one_run_fdp] + [one_run_fdp_accounted]); each test runs at
+    (1 − confidence)/n_tests. Grid default: :func:`default_one_run_grid` (depends only on m); guesses
+    as in :func:`one_run_audit_from_scores`. Returns ``{bound: {δ: result}}``; the accounted
+    bound's ``refuted`` is True when *any* grid point rejected the claim's own curve.
     """
     s, inc = _check_scores_included(scores, included)
     confidence = _check_confidence(confidence)
@@ -670,12 +909,16 @@ def one_run_bounds_best(
         raise ValueError(f"bounds: must be a non-empty subset of {ONE_RUN_BOUNDS}, got {list(bounds)!r}")
     if "one_run_fdp" in wanted and ds[0] <= 0.0:
         raise ValueError("deltas: the f-DP bound needs every δ > 0")
+    if "one_run_fdp_accounted" in wanted and not isinstance(family, TradeoffFamily):
+        raise ValueError("family: the one_run_fdp_accounted bound needs a TradeoffFamily")
     pairs = list(grid) if grid is not None else default_one_run_grid(s.size)
     if not pairs:
         raise ValueError("grid: must contain at least one (k_plus, k_minus) pair")
-    n_tests = len(pairs) * ((len(ds) if "one_run" in wanted else 0) + (1 if "one_run_fdp" in wanted else 0))
+    n_tests = len(pairs) * ((len(ds) if "one_run" in wanted else 0) + (1 if "one_run_fdp" in wanted else 0)
+                            + (1 if "one_run_fdp_accounted" in wanted else 0))
     order = _guess_order(s, seed)
     out: dict[str, dict[float, EpsilonLowerBound]] = {b: {} for b in wanted}
+    any_refuted = False
     for kp, km in pairs:
         kp, km = _check_count(kp, "k_plus"), _check_count(km, "k_minus")
         if kp + km > s.size:
@@ -686,11 +929,17 @@ def one_run_bounds_best(
             found["one_run"] = {d: _one_run_bound(s.size, r, v, d, confidence, n_tests) for d in ds}
         if "one_run_fdp" in wanted:
             found["one_run_fdp"] = _fdp_bound(s.size, r, v, ds, confidence, n_tests)
+        if "one_run_fdp_accounted" in wanted:
+            assert family is not None
+            found["one_run_fdp_accounted"] = _family_bound(s.size, r, v, family, ds, confidence, n_tests)
+            any_refuted = any_refuted or bool(found["one_run_fdp_accounted"][ds[0]].refuted)
         for b, by_d in found.items():
             for d, res in by_d.items():
                 res = replace(res, k_plus=kp, k_minus=km, selection="fixed" if n_tests == 1 else "bonferroni_grid")
                 if d not in out[b] or res.value > out[b][d].value:
                     out[b][d] = res
+    if "one_run_fdp_accounted" in out:
+        out["one_run_fdp_accounted"] = {d: replace(b, refuted=any_refuted) for d, b in out["one_run_fdp_accounted"].items()}
     return out
 
 

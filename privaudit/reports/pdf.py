@@ -34,6 +34,7 @@ from reportlab.platypus import (
 )
 
 from privaudit.reports.runs_table import (
+    BOUND_TITLES,
     RunRecord,
     format_delta,
     format_epsilon,
@@ -425,6 +426,8 @@ def _attack_table(r: RunRecord, width: float, st: dict[str, ParagraphStyle]) -> 
         ci = a.auc_ci
         auc = (format_number(a.auc) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")) if a.auc is not None else "—"
         el = "no bound" if a.epsilon_lower is None else format_epsilon(a.epsilon_lower)
+        if a.epsilon_lower is not None and a.epsilon_lower_method:
+            el += f" ({BOUND_TITLES.get(a.epsilon_lower_method, a.epsilon_lower_method)})"
         if a.power is not None:
             el += f" [{format_epsilon(a.power)}]"
         conf = conf or a.family_confidence or a.epsilon_lower_confidence
@@ -435,6 +438,10 @@ def _attack_table(r: RunRecord, width: float, st: dict[str, ParagraphStyle]) -> 
     note = ("ε lower: the empirical lower bound this attack proves"
             + (f" (the audit's maximum holds at {conf:.0%} confidence, each bound at a Bonferroni-corrected "
                "level)" if conf else "")
+            + "; (the bound it comes from: Steinke = Steinke, Nasr, Jagielski 2023, assumption-free; f-DP, "
+            "Gaussian = Mahloujifar, Melis, Chaudhuri 2024 against Gaussian trade-off curves, assumes one; f-DP, "
+            "accountant's curve = the same test against the accountant's own curve at scaled noise, assumes the "
+            "accounted schedule)"
             + "; [power]: the largest bound its design could certify (perfect guesses). 'no bound': the attack's "
             "units were not included by fair coins, so it reports metrics only.")
     return [_table(rows, [width * f for f in (0.2, 0.11, 0.16, 0.08, 0.08, 0.11, 0.26)], st),

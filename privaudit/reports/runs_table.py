@@ -34,6 +34,13 @@ _MECHANISM_PARTS = ("metric_dp", "against_worker", "released_model")
 
 
 # --------------------------------------------------------------------------------------- formats
+BOUND_TITLES: dict[str, str] = {
+    "one_run_steinke": "Steinke", "one_run": "Steinke", "one_run_fdp": "f-DP, Gaussian",
+    "one_run_fdp_accounted": "f-DP, accountant's curve", "clopper_pearson": "Clopper-Pearson", "gdp": "GDP",
+}
+"""Short titles of the bound an ε lower bound comes from (``audit.json``'s ``bound``)."""
+
+
 def format_epsilon(x: float | None) -> str:
     """How an ε appears in the PDF and tables: 3 decimals, ``∞`` for no guarantee."""
     if x is None:

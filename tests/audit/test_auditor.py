@@ -162,7 +162,9 @@ def test_dp_run_at_epsilon_one_auc_interval_contains_half(tmp_path: Path) -> Non
     assert res.accounted["epsilon"]["pld"] == pytest.approx(1.0, abs=0.01)
     # few canaries: even perfect guesses could not certify ε = 1, so the audit cannot say "consistent"
     power = res.epsilon_lower["power"]
-    assert power is not None and 0 < power < res.accounted["compared"]["epsilon"]
+    # (16 canaries split unevenly by the coins: with the accounted-curve test's share of the error budget
+    # the Steinke power can be 0; it is never above the accounted ε)
+    assert power is not None and 0 <= power < res.accounted["compared"]["epsilon"]
     assert res.attack("canary_membership").to_json()["epsilon_lower"]["power"] == power
     assert res.verdict == "inconclusive" and "could certify at most" in res.verdict_reason, res.verdict_reason
     assert res.epsilon_lower["value"] <= res.accounted["compared"]["epsilon"]
@@ -182,9 +184,12 @@ def test_planted_noise_bug_is_a_violation_and_the_clean_run_is_consistent(
     res = json.loads(out)
     assert res["verdict"] == "violation" and err.startswith("check failed:") and len(err.splitlines()) == 1
     (g,) = [a for a in res["attacks"] if a["name"] == "gradient_canaries_one_run"]
-    assert g["kind"] == "canary" and g["epsilon_lower"]["method"] in ("one_run", "one_run_fdp")
+    assert g["kind"] == "canary" and g["epsilon_lower"]["method"] in ("one_run", "one_run_fdp", "one_run_fdp_accounted")
     assert g["epsilon_lower"]["bound"] == res["epsilon_lower"]["bound"] in g["epsilon_lower_by_bound"]
-    assert set(g["epsilon_lower_by_bound"]) == {"one_run_steinke", "one_run_fdp"}
+    assert set(g["epsilon_lower_by_bound"]) == {"one_run_steinke", "one_run_fdp", "one_run_fdp_accounted"}
+    # the 10x noise bug rejects the accountant's own trade-off curve (no assumption needed)
+    assert g["epsilon_lower_by_bound"]["one_run_fdp_accounted"]["refuted"] is True
+    assert res["accounted"]["tradeoff_test"]["refuted_by"] == ["gradient_canaries_one_run"]
     assert res["epsilon_lower"]["attack"] == "gradient_canaries_one_run"
     assert res["epsilon_lower"]["value"] > 2.0 * res["accounted"]["compared"]["epsilon"]
 
@@ -192,7 +197,7 @@ def test_planted_noise_bug_is_a_violation_and_the_clean_run_is_consistent(
     assert code == 0, err
     assert "verdict: consistent" in out and "gradient_canaries_one_run" in out
     ok = json.loads((clean / "audit.json").read_text())
-    assert ok["verdict"] == "consistent"
+    assert ok["verdict"] == "consistent" and ok["accounted"]["tradeoff_test"]["refuted"] is False
     assert 0.0 <= ok["epsilon_lower"]["value"] < ok["accounted"]["compared"]["epsilon"]
 
     from privaudit.reports.runs_table import load_run_record
@@ -227,14 +232,14 @@ def test_every_step_white_box_audit_uses_the_recorded_steps(tmp_path: Path) -> N
     res = audit_run(run, attacks=["gradient_canaries_one_run", "gradient_canaries_every_step"], _write=False)
     es = res.attack("gradient_canaries_every_step")
     assert es.metrics["steps"] == 20 and es.metrics["m"] == 500
-    assert set(es.by_bound) == {"one_run_steinke", "one_run_fdp"} and es.epsilon_lower is not None
+    assert set(es.by_bound) == {"one_run_steinke", "one_run_fdp", "one_run_fdp_accounted"} and es.epsilon_lower is not None
     assert es.metrics["auc"] > 0.55  # the leak is seen
-    # 500 canaries at 1 − 0.05/4 per bound cannot certify the accounted 4 with the assumption-free bound:
+    # 500 canaries at 1 − 0.05/6 per bound cannot certify the accounted 4 with the assumption-free bound:
     # inconclusive by the power rule (consistent if the design could certify it)
-    assert res.epsilon_lower["n_bounds"] == 4 and res.verdict in ("consistent", "inconclusive")
+    assert res.epsilon_lower["n_bounds"] == 6 and res.verdict in ("consistent", "inconclusive")
     assert res.verdict == "consistent" or "could certify at most" in res.verdict_reason
     assert 0 < res.epsilon_lower["value"] < res.accounted["compared"]["epsilon"]
-    assert res.to_json()["epsilon_lower"]["bound"] in ("one_run_steinke", "one_run_fdp")
+    assert res.to_json()["epsilon_lower"]["bound"] in ("one_run_steinke", "one_run_fdp", "one_run_fdp_accounted")
     (run / "canary_steps.safetensors").unlink()
     with pytest.raises(ValueError, match="^attacks: gradient_canaries_every_step cannot run"):
         audit_run(run, attacks=["gradient_canaries_every_step"], _write=False)
@@ -248,14 +253,14 @@ def test_claims_are_checked_at_their_own_delta_with_bonferroni(canary_runs: tupl
                 ClaimEvent(epsilon=50.0, delta=0.0, source="pure DP"))
     res = audit_run(run, attacks=["gradient_canaries_one_run"])
     mt = res.settings["multiple_testing"]
-    # Steinke at each of the 2 δ values + one f-DP μ bound (δ > 0 only)
-    assert mt["n_bounds"] == 3 and mt["deltas"] == [0.0, 1e-5]
-    assert mt["per_bound_confidence"] == pytest.approx(1 - 0.05 / 3)
+    # Steinke at each of the 2 δ values + one f-DP μ bound (δ > 0 only) + one accounted-curve test
+    assert mt["n_bounds"] == 4 and mt["deltas"] == [0.0, 1e-5]
+    assert mt["per_bound_confidence"] == pytest.approx(1 - 0.05 / 4)
     g = res.attack("gradient_canaries_one_run")
-    assert g.epsilon_lower is not None and g.epsilon_lower.confidence == pytest.approx(1 - 0.05 / 3)
+    assert g.epsilon_lower is not None and g.epsilon_lower.confidence == pytest.approx(1 - 0.05 / 4)
     assert g.epsilon_lower.delta == 1e-5 and g.bounds[0.0].delta == 0.0
     assert g.bounds[0.0].method == "one_run"  # the f-DP bound has no δ = 0 form
-    assert set(g.by_bound) == {"one_run_steinke", "one_run_fdp"}
+    assert set(g.by_bound) == {"one_run_steinke", "one_run_fdp", "one_run_fdp_accounted"}
     assert g.epsilon_lower.value == max(b.value for b in g.by_bound.values())
     tight, pure = res.claimed
     assert pure["delta"] == 0.0 and pure["epsilon_lower"] == g.bounds[0.0].value
@@ -337,7 +342,9 @@ def test_a_run_without_held_out_records_is_audited_with_its_canaries(tmp_path: P
     run = _train(cfg, tmp_path / "run")
     res = audit_run(run, _write=False)
     assert [a.name for a in res.attacks] == ["gradient_canaries_one_run"]
-    assert res.settings["n_members_scored"] == 0 and res.epsilon_lower["n_bounds"] == 2  # Steinke + f-DP
+    # Steinke + f-DP + the test against the accountant's own curve
+    assert res.settings["n_members_scored"] == 0 and res.epsilon_lower["n_bounds"] == 3
+    assert res.accounted["tradeoff_test"]["refuted"] is False
     with pytest.raises(ValueError, match="^attacks: loss cannot run on this run: the run has no"):
         audit_run(run, attacks=["loss"], _write=False)
 
@@ -467,6 +474,31 @@ def test_a_violation_needs_an_assumption_free_bound() -> None:
     verdict, _ = auditor._verdict(**{**common, "top": EpsilonLowerBound(value=1.0, delta=1e-5, confidence=0.95,
                                                                            method="one_run")}, sound_lower=1.0)
     assert verdict == "consistent"
+
+
+def test_rejecting_the_accountants_own_curve_is_a_violation_without_assumption() -> None:
+    """The accounted-curve test refutes the ledger's privacy profile itself: a violation even when
+    every ε_lower (Steinke's included) stays below the accounted ε; without it, the same numbers are
+    consistent."""
+    from privaudit.audit.bounds import EpsilonLowerBound
+
+    acc = EpsilonLowerBound(value=1.9, delta=1e-5, confidence=0.95, method="one_run_fdp_accounted",
+                            assumption="accounted_family", refuted=True, noise_scale=1.0)
+    common = dict(has_guarantee=True, compared=2.0, compared_by="pld", delta=1e-5, top=acc,
+                  top_attack="gradient_canaries_one_run", claims=[], n_attacks=1, observer="released model",
+                  confidence=0.95, power=5.0, power_attack="gradient_canaries_one_run", sound_lower=1.2)
+    verdict, reason = auditor._verdict(**common, accounted_refuted="gradient_canaries_one_run")
+    assert verdict == "violation" and "accountant's own trade-off curve" in reason
+    assert auditor._verdict(**common)[0] == "consistent"
+    # no guarantee stays no guarantee (there is no accounted curve to refute)
+    assert auditor._verdict(**{**common, "has_guarantee": False}, accounted_refuted="x")[0] == "no guarantee"
+    assert auditor.bound_name(acc) == "one_run_fdp_accounted"
+    # power: a Steinke power below the accounted ε is inconclusive, unless the design's perfect guesses
+    # would have rejected the accountant's curve
+    weak = {**common, "power": 1.5, "top": EpsilonLowerBound(value=1.0, delta=1e-5, confidence=0.95, method="one_run")}
+    assert auditor._verdict(**weak)[0] == "inconclusive"
+    verdict, reason = auditor._verdict(**weak, accounted_power="gradient_canaries_one_run")
+    assert verdict == "consistent" and "would have rejected the accountant's own trade-off curve" in reason
 
 
 def test_gradient_canaries_give_no_bound_where_the_ledger_may_not_cover_them(tmp_path: Path) -> None:
