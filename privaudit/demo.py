@@ -47,9 +47,6 @@ DEMO_CONFIG: dict[str, Any] = {
         # constant prediction; measured: accuracy rises clearly from ε = 1 to ε = 16 to non-private
         "optimizer": "adam",
         "learning_rate": 0.05,
-        # decayed linearly to 0: at a constant 0.05 the last steps kept jumping, and the same seeded
-        # quick demo gave 0.967 non-private on one machine, 0.903 on another (ε = 16: 0.84-0.96 by seed)
-        "lr_schedule": "linear",
         "checkpoint_every": 20,
         "seed": 0,
     },

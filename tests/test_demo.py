@@ -87,9 +87,12 @@ def test_utility_rises_with_epsilon(demo_dir: Path) -> None:
     for lo, hi in ((0, 2), (0, 3)):
         margin = Z_ONE_SIDED * _diff_se(acc[lo], acc[hi], n)
         assert acc[hi] - acc[lo] > margin, f"accuracy by ε (1, 4, 16, ∞): {text}; step {lo}->{hi} <= {margin:.3f}"
-    # and never falling by more than two standard errors: ε = 1 <= 4 <= 16 <= ∞ (at the top both ε = 16
-    # and the non-private run may reach the task's ceiling, ~0.96 with 48 tokens)
-    for lo, hi in ((0, 1), (1, 2), (2, 3)):
+    # and never falling by more than two standard errors: ε = 1 <= 4 <= 16, and 4 <= ∞. ε = 16 and the
+    # non-private run both reach the task's ceiling (~0.96 with 48 tokens), where the spread of the runs
+    # themselves exceeds the held-out noise: the quick non-private run gave 0.89-0.99 over ten runs
+    # (seeds 0-4, constant and linearly decayed rate; CI's seeded run 0.903 while its ε = 16 gave 0.953),
+    # ε = 16 0.84-0.96 — so the top pair is ordered only through ε = 4, where the gap is real
+    for lo, hi in ((0, 1), (1, 2), (1, 3)):
         assert acc[hi] >= acc[lo] - 2 * _diff_se(acc[lo], acc[hi], n), f"accuracy by ε (1, 4, 16, ∞): {text}"
 
 
