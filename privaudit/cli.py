@@ -119,7 +119,8 @@ ACCOUNTANT_CHOICES = ["rdp", "pld", "prv", "all"]
 
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Run config (YAML/TOML).")
-@click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), help="A ledger.jsonl file.")
+@click.option("--ledger", "ledger_path", type=click.Path(path_type=Path),
+              help="A ledger.jsonl file, or a run directory (its ledger, checked against its manifest).")
 @click.option("--noise-multiplier", type=float, help="Noise std / clip norm.")
 @click.option("--sample-rate", type=float, help="Poisson sampling rate q in (0, 1].")
 @click.option("--steps", type=str, metavar="INTEGER", help="Number of steps (a non-negative integer).")
@@ -321,13 +322,31 @@ def ledger() -> None:
     """Inspect and verify privacy ledgers."""
 
 
-def _read_ledger(path: Path, public_key: Path | None = None, allow_incomplete: bool = False) -> Any:
-    """The ledger through the one reading function: unreadable (or above a bound) exit 2, tampered or
-    (unless allowed) unsealed exit 1 naming the first bad line."""
-    from privaudit.ledger.ledger import Ledger, LedgerCorruptError, LedgerUnreadableError
+def _ledger_source(path: Path) -> tuple[Path, dict[str, Any] | None]:
+    """``path`` as a ledger file, or a run directory: its ``ledger.jsonl`` and its manifest (read with a
+    size cap; exit 2 if unreadable), which the ledger's seal is then compared with."""
+    if not path.is_dir():
+        return path, None
+    from privaudit.safe_read import read_json_file
 
     try:
-        led = Ledger.read(path, public_key=public_key)
+        manifest = read_json_file(path / "manifest.json", "manifest", root=path)
+    except ValueError as exc:
+        fail_input(str(exc))
+    if not isinstance(manifest, dict):
+        fail_input(f"manifest: {path / 'manifest.json'} must hold a JSON object, not {type(manifest).__name__}")
+    return path / "ledger.jsonl", manifest
+
+
+def _read_ledger(path: Path, public_key: Path | None = None, allow_incomplete: bool = False) -> Any:
+    """The ledger through the one reading function: unreadable (or above a bound) exit 2, tampered or
+    (unless allowed) unsealed exit 1 naming the first bad line. ``path``: a ledger file or a run
+    directory (its ledger, compared with its manifest and audit key)."""
+    from privaudit.ledger.ledger import Ledger, LedgerCorruptError, LedgerUnreadableError
+
+    path, manifest = _ledger_source(path)
+    try:
+        led = Ledger.read(path, public_key=public_key, manifest=manifest)
     except LedgerCorruptError as exc:
         raise CheckFailed(str(exc)) from None
     except LedgerUnreadableError as exc:
@@ -351,10 +370,12 @@ _INCOMPLETE_OPTION = click.option("--allow-incomplete", is_flag=True,
 @_PUBLIC_KEY_OPTION
 @_INCOMPLETE_OPTION
 def ledger_verify(path: Path, as_json: bool, public_key: Path | None, allow_incomplete: bool) -> None:
-    """Check the hash chain and seal: exit 0 intact, 1 tampered or incomplete (unsealed), 2 unreadable."""
+    """Check the hash chain and seal: exit 0 intact, 1 tampered or incomplete (unsealed), 2 unreadable.
+    PATH: a ledger file, or a run directory (its ledger, also compared with its manifest and audit key)."""
     from privaudit.ledger.ledger import verify_ledger
 
-    res = verify_ledger(path, public_key=public_key)
+    path, manifest = _ledger_source(path)
+    res = verify_ledger(path, public_key=public_key, manifest=manifest)
     if as_json:
         emit_json(res.to_json())
     if res.status == "unreadable":

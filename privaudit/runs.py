@@ -266,7 +266,10 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
 
     A finished run seals its ledger (event lines, releases, head hash), signed with ``signing_key``
     (an Ed25519 private key or PEM path, see ``privaudit keygen``) when given; the manifest keeps the
-    seal (``ledger_seal``) and the head hash (``ledger_head_hash``). A crashed run's ledger is unsealed
+    seal (``ledger_seal``) and the head hash (``ledger_head_hash``). The seal covers the manifest's
+    config, plan, data and model fingerprints, privacy and metrics sections and the audit key
+    (:func:`privaudit.ledger.seal.seal_covers`): every reader given the run directory detects an edit
+    of them. A crashed run's ledger is unsealed
     and ``resume`` continues it; a sealed ledger is never reopened (``LedgerSealedError``).
 
     The directory's lock (``RUN_LOCK``) is taken before anything is written: a second process
@@ -309,7 +312,7 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
     """:func:`train` once the run directory's lock is held."""
     from safetensors.torch import save_file
 
-    from privaudit.ledger.seal import load_signing_key
+    from privaudit.ledger.seal import load_signing_key, seal_covers
     from privaudit.mechanisms import get_mechanism
     from privaudit.mechanisms.training import Checkpointer, prepare_data
     from privaudit.models import trainable_state_dict
@@ -434,7 +437,9 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
             "target_epsilon": cfg.privacy.target_epsilon, "ledger_releases": ledger_releases(ledger),
             **privacy_of(mech, ledger, plan, cfg, result.metrics),
         }
-        manifest["ledger_seal"] = ledger.seal(signing_key)
+        # the seal covers the manifest's final fields and the audit key (written above); what follows the
+        # seal (ledger_seal, ledger_head_hash, run_id, status, finished) is not covered
+        manifest["ledger_seal"] = ledger.seal(signing_key, covers=seal_covers(manifest, rd))
         manifest["ledger_head_hash"] = ledger.head_hash
         manifest["run_id"] = ledger.header.run_id
         manifest["status"] = "complete"
@@ -573,6 +578,13 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
     manifest = _read_manifest(rd)
     if manifest.get("status") != "complete":
         raise ValueError(f"run_dir: the run in {rd} is not complete (status {manifest.get('status')!r})")
+    for name in (LEDGER, ADAPTER, ADAPTER_INIT, AUDIT_KEY):
+        check_run_file(rd / name, rd, f"run_dir: {name}")
+    # the ledger first: its seal covers the manifest's config and the audit key, so an edited config is
+    # refused as tampered before anything it names is resolved
+    ledger = Ledger.read(rd / LEDGER, public_key=public_key, manifest=manifest)
+    if ledger.status != "intact":  # pragma: no cover - a complete manifest already demands the seal
+        raise LedgerCorruptError(f"ledger {rd / LEDGER}: {ledger.status}")
     cfg = parse_config(manifest["config"])
     cfg = _with_user_data_path(cfg, data_path)  # before anything is read: a missing path is refused now
     if model_path is not None:  # the user's own choice of model folder, the one the run recorded
@@ -585,11 +597,6 @@ def load_run(run_dir: str | Path, *, device: str | None = None, public_key: Any 
 
         location = resolve_untrusted_model_name(cfg.model.name, "manifest.config.model.name")
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": location})})
-    for name in (LEDGER, ADAPTER, ADAPTER_INIT, AUDIT_KEY):
-        check_run_file(rd / name, rd, f"run_dir: {name}")
-    ledger = Ledger.read(rd / LEDGER, public_key=public_key, manifest=manifest)
-    if ledger.status != "intact":  # pragma: no cover - a complete manifest already demands the seal
-        raise LedgerCorruptError(f"ledger {rd / LEDGER}: {ledger.status}")
     adapter_path = rd / ADAPTER
     if not adapter_path.exists():
         raise ValueError(f"run_dir: {rd} has no {ADAPTER}")

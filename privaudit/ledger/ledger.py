@@ -143,6 +143,10 @@ class VerifyResult:
     composition does not depend on order). ``event_lines``: event lines read.
     ``releases``: sum of ``count`` over every event except claims. ``signature``: ``valid`` (checked
     against a given key), ``unchecked`` (signed, no key given), ``unsigned`` or None (no seal).
+    ``coverage`` (only when read with a manifest and sealed): ``covered`` (the seal covers the
+    manifest's fields and the audit key, and they match: see :func:`privaudit.ledger.seal.seal_covers`),
+    ``older run`` (a seal written before covers existed: the manifest is not covered) or
+    ``external audit`` (an external audit's manifest, which describes the audit, not the run).
     """
 
     status: Literal["intact", "incomplete", "tampered", "unreadable"]
@@ -159,6 +163,7 @@ class VerifyResult:
     seal: dict[str, Any] | None = None
     signature: str | None = None
     path: str | None = None
+    coverage: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -186,14 +191,17 @@ class VerifyResult:
         if self.status == "intact":
             sig = {"valid": "signature verified", "unchecked": "signed, signature not checked (no public key)",
                    "unsigned": "unsigned seal"}.get(self.signature or "", "")
-            return f"intact, sealed ({sig})"
+            cov = {"covered": "; manifest covered by the seal",
+                   "older run": "; manifest not covered by the seal (older run)",
+                   "external audit": "; manifest not covered by the seal (external audit)"}.get(self.coverage or "", "")
+            return f"intact, sealed ({sig}){cov}"
         return f"{self.status.upper()}: {self.message}"
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "status": self.status, "message": self.message,
                 "valid_lines": self.valid_lines, "bad_line": self.bad_line, "head_hash": self.head_hash,
                 "sealed": self.sealed, "signature": self.signature, "event_lines": self.event_lines,
-                "releases": self.releases}
+                "releases": self.releases, "coverage": self.coverage}
 
 
 def _identity_key(raw_ev: dict[str, Any]) -> Any:
@@ -215,23 +223,30 @@ def _seal_of(obj: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"seal.{k}: not a non-negative integer")
     if not isinstance(seal.get("head"), str):
         raise ValueError("seal.head: missing")
+    if "covers" in seal:
+        from privaudit.ledger.seal import validate_covers
+
+        validate_covers(seal["covers"])
     return seal
 
 
 def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
-                manifest: dict[str, Any] | None = None, collect: bool = True) -> VerifyResult:
+                manifest: dict[str, Any] | None = None, collect: bool = True,
+                run_dir: str | os.PathLike[str] | None = None) -> VerifyResult:
     """Read and verify a ledger in one streaming pass: the one reading function every consumer uses.
 
     Memory is bounded: lines are read one at a time (each at most :data:`MAX_LINE_BYTES`) and equal
     events merged (at most :data:`MAX_DISTINCT_EVENTS` distinct ones); time is linear in the file size.
     Checks: hashes, links, sequence numbers, header/event/seal schemas, the seal's count, releases and
     head; with ``public_key`` (an Ed25519 key or PEM path) the seal's signature; with ``manifest`` (a
-    run's manifest dict) that its ``ledger_head_hash`` and ``ledger_seal`` match the ledger. Never
+    run's manifest dict) that its ``ledger_head_hash`` and ``ledger_seal`` match the ledger, that its
+    ``run_id`` is the header's and that its covered fields (and ``run_dir``'s audit key; ``run_dir``
+    defaults to the folder holding the ledger) are the ones the seal covers. Never
     raises for the file's content: the result's ``status`` says what was found (see
     :class:`VerifyResult`); events are returned only when the status is ``intact`` or ``incomplete``.
     ``ValueError`` for an unreadable public key.
     """
-    from privaudit.ledger.seal import check_signature, load_public_key
+    from privaudit.ledger.seal import check_covers, check_signature, load_public_key
 
     pub = load_public_key(public_key)
     p = Path(path)
@@ -377,8 +392,21 @@ def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
             sig_status = "valid"
         else:
             sig_status = "unchecked" if "signature" in seal else "unsigned"
+    coverage: str | None = None
     if manifest is not None:
         why = compare_manifest(manifest, head, seal)
+        if why is None and isinstance(manifest, dict):
+            external = manifest.get("kind") == "external_audit" and "config" not in manifest
+            m_run = manifest.get("run_id")
+            if not external and m_run is not None and m_run != header.run_id:
+                why = f"the manifest's run_id {str(m_run)[:40]!r} differs from the ledger header's {header.run_id!r}"
+            elif seal is not None and external:
+                coverage = "external audit"
+            elif seal is not None and "covers" not in seal:
+                coverage = "older run"
+            elif seal is not None:
+                why = check_covers(seal["covers"], manifest, Path(run_dir) if run_dir is not None else p.parent)
+                coverage = "covered"
         if why is not None:
             return result("tampered", why)
     if seal is None:
@@ -388,7 +416,7 @@ def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
         return result("incomplete", f"no seal: the run did not finish or the ledger's tail (events and seal) "
                       f"was lost; {event_lines} event lines read")
     out = result("intact", f"{event_lines} event lines, {releases} releases, chain and seal intact")
-    return dataclasses.replace(out, signature=sig_status)
+    return dataclasses.replace(out, signature=sig_status, coverage=coverage)
 
 
 def compare_manifest(manifest: dict[str, Any], head: str | None, seal: dict[str, Any] | None) -> str | None:
@@ -604,10 +632,12 @@ class Ledger:
         """Atomically replace the file with the in-memory chain (temp file + fsync + rename)."""
         write_atomic(self.path, "".join(canonical_json(line) + "\n" for line in self._lines).encode("utf-8"))
 
-    def seal(self, signing_key: Any = None) -> dict[str, Any]:
-        """Seal the ledger (a finished run): append the seal line (event lines, releases, head hash;
-        signed with an Ed25519 ``signing_key`` — key or PEM path — when given). Returns the seal, which
-        the run's manifest keeps as ``ledger_seal``. Nothing can be appended afterwards."""
+    def seal(self, signing_key: Any = None, covers: dict[str, str] | None = None) -> dict[str, Any]:
+        """Seal the ledger (a finished run): append the seal line (event lines, releases, head hash,
+        and ``covers``: the digests of the run's manifest fields and audit key from
+        :func:`privaudit.ledger.seal.seal_covers`; signed with an Ed25519 ``signing_key`` — key or PEM
+        path — when given). Returns the seal, which the run's manifest keeps as ``ledger_seal``.
+        Nothing can be appended afterwards."""
         from privaudit.ledger.seal import load_signing_key, sign_seal
 
         if not self.writable or self._lock_fd is None:
@@ -622,6 +652,10 @@ class Ledger:
             "head": self._lines[-1]["hash"],
             "sealed": datetime.now(timezone.utc).isoformat(),
         }
+        if covers is not None:
+            from privaudit.ledger.seal import validate_covers
+
+            seal["covers"] = dict(validate_covers(covers))
         if key is not None:
             seal = sign_seal(seal, self.header.run_id, key)
         line = {"seq": len(self._lines), "kind": "seal", "seal": seal, "prev": self._lines[-1]["hash"]}

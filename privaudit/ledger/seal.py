@@ -8,6 +8,16 @@ and writes a new seal is *not* detected without a key. With a signing key (``pri
 seal carries an Ed25519 signature over the chain head; a reader given the public key rejects any
 ledger not signed by the matching private key (any forgery by someone without the key).
 
+The seal also *covers* what a reader trusts from the run directory besides the ledger
+(:func:`seal_covers`): a SHA-256 of the canonical JSON of each manifest field in
+:data:`COVERED_MANIFEST_FIELDS` (the config — σ, canary seed, target ε, model name —, the plan, the
+data fingerprints, the base model's fingerprint, the privacy and metrics sections) and of the bytes of
+``audit_key.json`` when the run has one. The covers are part of the hash-chained seal line and of
+what a signature signs, so an edited config is detected like an edited ledger line: always when the
+seal is left as it was, and with a public key also when the attacker re-hashes the seal. Seals
+written before covers existed have none; readers say the manifest is "not covered by the seal
+(older run)".
+
 Key files: the private key is unencrypted PKCS#8 PEM (mode 0600), the public key SubjectPublicKeyInfo
 PEM. Both are read with a size cap (hostile input).
 """
@@ -20,14 +30,27 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
+from privaudit.canonical import canonical_json
+from privaudit.safe_read import MAX_JSON_BYTES, read_bounded
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = ["generate_keypair", "load_signing_key", "load_public_key", "key_id", "signed_payload",
-           "sign_seal", "check_signature", "PublicKeyLike", "SigningKeyLike"]
+           "sign_seal", "check_signature", "PublicKeyLike", "SigningKeyLike", "COVERED_MANIFEST_FIELDS",
+           "AUDIT_KEY_COVER", "seal_covers", "check_covers", "validate_covers"]
 
 MAX_KEY_FILE_BYTES = 16 * 1024
+
+#: Manifest fields a seal covers: every one a reader relies on that is final when the run seals (the
+#: status, ``ledger_seal``, ``ledger_head_hash``, ``finished`` and a sweep's ``name`` are written after
+#: the seal and are not covered; ``run_id`` is compared with the ledger header instead).
+COVERED_MANIFEST_FIELDS = ("mechanism", "task", "base_model", "observer", "config", "base_model_fingerprint",
+                           "plan", "data", "privacy", "metrics")
+#: The cover naming the run's audit key (its file's bytes).
+AUDIT_KEY_COVER = "audit_key.json"
+_MAX_COVERS = 64
 
 PublicKeyLike = Union[Ed25519PublicKey, str, os.PathLike, None]
 SigningKeyLike = Union[Ed25519PrivateKey, str, os.PathLike, None]
@@ -135,4 +158,72 @@ def check_signature(seal: dict[str, Any], run_id: str, public: Ed25519PublicKey)
     except InvalidSignature:
         return (f"the seal's signature does not verify with the given public key (key id "
                 f"{key_id(public)}): rewritten by someone without the signing key, or signed by another key")
+    return None
+
+
+def _json_digest(value: Any) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``value`` as it reads back from a JSON file (a JSON
+    round trip first, so that e.g. integer dict keys hash as the strings a reader sees)."""
+    plain = json.loads(json.dumps(value, allow_nan=False))
+    return hashlib.sha256(canonical_json(plain).encode("utf-8")).hexdigest()
+
+
+def _audit_key_digest(run_dir: Path) -> str | None:
+    """SHA-256 of ``run_dir/audit_key.json``'s bytes (bounded read, inside the run directory), None if absent."""
+    path = run_dir / AUDIT_KEY_COVER
+    if not path.exists() and not path.is_symlink():
+        return None
+    return hashlib.sha256(read_bounded(path, "audit_key", MAX_JSON_BYTES, root=run_dir)).hexdigest()
+
+
+def seal_covers(manifest: dict[str, Any], run_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """What a run's seal covers: ``{"manifest.<field>": sha256, ..., "audit_key.json": sha256}`` for the
+    fields of :data:`COVERED_MANIFEST_FIELDS` present in ``manifest`` and the audit key in ``run_dir``
+    (when there is one). Call it with the manifest exactly as it is written to disk."""
+    covers = {f"manifest.{k}": _json_digest(manifest[k]) for k in COVERED_MANIFEST_FIELDS if k in manifest}
+    if run_dir is not None:
+        d = _audit_key_digest(Path(run_dir))
+        if d is not None:
+            covers[AUDIT_KEY_COVER] = d
+    return covers
+
+
+def validate_covers(covers: Any) -> dict[str, str]:
+    """``ValueError`` naming the field unless ``covers`` (a seal's) maps at most 64 names to hex SHA-256s."""
+    if not isinstance(covers, dict) or len(covers) > _MAX_COVERS:
+        raise ValueError(f"seal.covers: not an object of at most {_MAX_COVERS} digests")
+    for k, v in covers.items():
+        if not isinstance(v, str) or len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError(f"seal.covers.{str(k)[:40]}: not a SHA-256 hex digest")
+    return covers
+
+
+def check_covers(covers: dict[str, str], manifest: dict[str, Any], run_dir: str | os.PathLike[str] | None
+                 ) -> str | None:
+    """None if ``manifest`` (and ``run_dir``'s audit key) are the ones the seal covers, else why not
+    (naming the first field that differs)."""
+    for name, digest in covers.items():
+        if name.startswith("manifest."):
+            field = name[len("manifest."):]
+            if field not in manifest:
+                return f"{name} is missing, but the ledger seal covers it (the manifest was edited after the run)"
+            try:
+                actual = _json_digest(manifest[field])
+            except (ValueError, TypeError, RecursionError):
+                actual = None
+            if actual != digest:
+                return f"{name} does not match the ledger seal (the manifest was edited after the run)"
+        elif name == AUDIT_KEY_COVER:
+            if run_dir is None:
+                continue
+            try:
+                actual = _audit_key_digest(Path(run_dir))
+            except ValueError as exc:
+                return f"{AUDIT_KEY_COVER} cannot be checked against the ledger seal ({exc})"
+            if actual is None:
+                return f"{AUDIT_KEY_COVER} is missing, but the ledger seal covers it"
+            if actual != digest:
+                return f"{AUDIT_KEY_COVER} does not match the ledger seal (the audit key was edited after the run)"
+        else:
+            return f"seal.covers names {name[:60]!r}, which this version of privaudit does not know"
     return None

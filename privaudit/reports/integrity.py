@@ -91,5 +91,8 @@ def ledger_integrity(run_dir: str | Path, public_key: Any = None) -> IntegritySt
         return IntegrityStatus(False, "incomplete", "the ledger's head hash differs from the one the run "
                                "recorded in its manifest: the ledger was cut short, extended or replaced "
                                "after the run", vr.head_hash, recorded)
+    covered = {"covered": "; the seal covers the manifest (config, plan, data, privacy) and the audit key",
+               "older run": "; the manifest is not covered by the seal (older run)",
+               "external audit": "; the manifest is not covered by the seal (external audit)"}.get(vr.coverage or "", "")
     return IntegrityStatus(True, "intact", f"the hash chain verifies ({vr.message}) and its head matches the "
-                           "manifest", vr.head_hash, recorded)
+                           f"manifest{covered}", vr.head_hash, recorded)

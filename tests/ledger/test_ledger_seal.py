@@ -389,3 +389,152 @@ def test_too_many_distinct_segments_is_one_line_exit_2(tmp_path: Path, capsys: p
     assert rc == 2 and "at most 8" in err and len(err.strip().splitlines()) == 1
     rc, _, err = invoke(capsys, "epsilon", "--ledger", str(path))
     assert rc == 2 and "at most" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# the seal covers the manifest (config, plan, data, privacy...) and the audit key
+# ---------------------------------------------------------------------------------------------------
+def _edit_manifest(rd: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    m = json.loads((rd / "manifest.json").read_text())
+    edit(m)
+    (rd / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def _sigma(m: dict[str, Any]) -> None:
+    m["config"]["privacy"]["noise_multiplier"] = 10.0
+
+
+def _canary_seed(m: dict[str, Any]) -> None:
+    m["config"]["audit"]["gradient_canary_seed"] = 6
+
+
+def _model_name(m: dict[str, Any]) -> None:
+    m["config"]["model"]["name"] = "distilgpt2"
+
+
+def _recorded_sigma(m: dict[str, Any]) -> None:
+    m["privacy"]["noise_multiplier"] = 10.0
+
+
+def _reseal(rd: Path, key: Any = None, drop_covers: bool = False) -> None:
+    """What an attacker does after editing the manifest: recompute the covers, re-hash the seal line
+    (signed with their own key when given) and make the manifest's seal and head follow."""
+    from privaudit.ledger.seal import seal_covers
+
+    path = rd / "ledger.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    seal = {k: v for k, v in lines[-1]["seal"].items() if k not in ("signature", "key_id")}
+    m = json.loads((rd / "manifest.json").read_text())
+    if drop_covers:
+        seal.pop("covers")
+    else:
+        seal["covers"] = seal_covers(m, rd)
+    if key is not None:
+        seal = sign_seal(seal, lines[0]["header"]["run_id"], key)
+    ln = {k: v for k, v in lines[-1].items() if k != "hash"}
+    ln["seal"] = seal
+    ln["hash"] = line_hash(ln)
+    lines[-1] = ln
+    path.write_text("".join(canonical_json(x) + "\n" for x in lines))
+    m["ledger_seal"], m["ledger_head_hash"] = seal, ln["hash"]
+    (rd / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+MANIFEST_EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("sigma", _sigma, "manifest.config does not match the ledger seal"),
+    ("canary seed", _canary_seed, "manifest.config does not match the ledger seal"),
+    ("model name", _model_name, "manifest.config does not match the ledger seal"),
+    ("recorded sigma", _recorded_sigma, "manifest.privacy does not match the ledger seal"),
+]
+
+
+def test_untouched_run_verifies_and_says_the_manifest_is_covered(signed_run: tuple[Path, Path],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    rd, pub = signed_run
+    seal = read_ledger(rd / "ledger.jsonl").seal
+    assert seal is not None and {"manifest.config", "manifest.privacy", "manifest.data",
+                                 "audit_key.json"} <= set(seal["covers"])
+    rc, out, err = invoke(capsys, "ledger", "verify", str(rd), "--public-key", str(pub))
+    assert rc == 0 and "manifest covered by the seal" in out and "signature verified" in out, err
+    rc, out, err = invoke(capsys, "epsilon", "--ledger", str(rd), "--accountant", "rdp")
+    assert rc == 0 and "manifest covered by the seal" in out, err
+
+
+@pytest.mark.parametrize("name,edit,why", MANIFEST_EDITS, ids=[e[0] for e in MANIFEST_EDITS])
+def test_manifest_edit_after_the_seal_is_refused_by_every_reader(signed_run: tuple[Path, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str], name: str,
+                                                                 edit: Callable[[dict[str, Any]], None],
+                                                                 why: str) -> None:
+    from privaudit.reports.runs_table import load_run_record
+
+    src, _ = signed_run
+    rd = tmp_path / "run"
+    shutil.copytree(src, rd)
+    _edit_manifest(rd, edit)
+    for args in (("ledger", "verify", str(rd)), ("ledger", "show", str(rd)),
+                 ("epsilon", "--ledger", str(rd), "--accountant", "rdp"), ("audit", str(rd), "--quiet"),
+                 ("report", str(rd), "-o", str(tmp_path / "r.pdf"), "--quiet")):
+        rc, _, err = invoke(capsys, *args)
+        assert rc == 1 and why in err and "Traceback" not in err, (args, err)
+        if args[0] != "report":  # the report writes its PDF (red banner) and says why on stderr
+            assert len(err.strip().splitlines()) == 1, (args, err)
+    rec = load_run_record(rd)
+    assert rec.ledger_status == "tampered" and why in rec.ledger_message
+    assert all(a.recomputed is None for a in rec.accounted)
+
+
+def test_audit_key_edit_after_the_seal_is_refused(signed_run: tuple[Path, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    src, _ = signed_run
+    rd = tmp_path / "run"
+    shutil.copytree(src, rd)
+    key = json.loads((rd / "audit_key.json").read_text())
+    key["gradient_canaries"] = None
+    (rd / "audit_key.json").write_text(json.dumps(key))
+    rc, _, err = invoke(capsys, "audit", str(rd), "--quiet")
+    assert rc == 1 and "audit_key.json does not match the ledger seal" in err, err
+    (rd / "audit_key.json").unlink()
+    rc, _, err = invoke(capsys, "ledger", "verify", str(rd))
+    assert rc == 1 and "audit_key.json is missing" in err, err
+
+
+def test_resealed_manifest_edit_needs_the_public_key(signed_run: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from privaudit.runs import load_run
+
+    src, pub = signed_run
+    rd = tmp_path / "run"
+    shutil.copytree(src, rd)
+    _edit_manifest(rd, _sigma)
+    _reseal(rd, key=load_signing_key(_attacker_key(tmp_path)))  # consistent, signed with the wrong key
+    rc, _, err = invoke(capsys, "ledger", "verify", str(rd))
+    assert rc == 0, err  # without a key a re-hashed seal is not detected (documented)
+    rc, _, err = invoke(capsys, "ledger", "verify", str(rd), "--public-key", str(pub))
+    assert rc == 1 and "does not verify with the given public key" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = invoke(capsys, "epsilon", "--ledger", str(rd), "--public-key", str(pub))
+    assert rc == 1 and "does not verify" in err
+    with pytest.raises(LedgerCorruptError, match="does not verify"):
+        load_run(rd, public_key=pub)
+    _reseal(rd)  # unsigned re-hash: "not signed" with the key
+    rc, _, err = invoke(capsys, "ledger", "verify", str(rd), "--public-key", str(pub))
+    assert rc == 1 and "not signed" in err
+
+
+def test_old_seal_without_covers_still_reads_and_says_not_covered(signed_run: tuple[Path, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from privaudit.reports.integrity import ledger_integrity
+
+    src, _ = signed_run
+    rd = tmp_path / "run"
+    shutil.copytree(src, rd)
+    _reseal(rd, drop_covers=True)  # a seal as privaudit wrote it before covers existed
+    assert "covers" not in read_ledger(rd / "ledger.jsonl").seal
+    rc, out, err = invoke(capsys, "ledger", "verify", str(rd))
+    assert rc == 0 and "not covered by the seal (older run)" in out, err
+    _edit_manifest(rd, _sigma)  # an older run's manifest is not covered: read as before
+    rc, out, err = invoke(capsys, "ledger", "verify", str(rd))
+    assert rc == 0 and "not covered by the seal (older run)" in out, err
+    integ = ledger_integrity(rd)
+    assert integ.ok and "older run" in integ.reason
+    res = read_ledger(rd / "ledger.jsonl")  # the bare ledger: no manifest, nothing said about coverage
+    assert res.verified and res.coverage is None
