@@ -267,8 +267,8 @@ def train(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
     A finished run seals its ledger (event lines, releases, head hash), signed with ``signing_key``
     (an Ed25519 private key or PEM path, see ``privaudit keygen``) when given; the manifest keeps the
     seal (``ledger_seal``) and the head hash (``ledger_head_hash``). The seal covers the manifest's
-    config, plan, data and model fingerprints, privacy and metrics sections and the audit key
-    (:func:`privaudit.ledger.seal.seal_covers`): every reader given the run directory detects an edit
+    config, plan, data and model fingerprints, privacy and metrics sections, the audit key and the
+    adapters (:func:`privaudit.ledger.seal.seal_covers`): every reader given the run directory detects an edit
     of them. A crashed run's ledger is unsealed
     and ``resume`` continues it; a sealed ledger is never reopened (``LedgerSealedError``).
 
@@ -437,7 +437,7 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
             "target_epsilon": cfg.privacy.target_epsilon, "ledger_releases": ledger_releases(ledger),
             **privacy_of(mech, ledger, plan, cfg, result.metrics),
         }
-        # the seal covers the manifest's final fields and the audit key (written above); what follows the
+        # the seal covers the manifest's final fields, the audit key and adapters (written above); what follows the
         # seal (ledger_seal, ledger_head_hash, run_id, status, finished) is not covered
         manifest["ledger_seal"] = ledger.seal(signing_key, covers=seal_covers(manifest, rd))
         manifest["ledger_head_hash"] = ledger.head_hash

@@ -398,14 +398,15 @@ def read_ledger(path: str | os.PathLike[str], *, public_key: Any = None,
         if why is None and isinstance(manifest, dict):
             external = manifest.get("kind") == "external_audit" and "config" not in manifest
             m_run = manifest.get("run_id")
-            if not external and m_run is not None and m_run != header.run_id:
-                why = f"the manifest's run_id {str(m_run)[:40]!r} differs from the ledger header's {header.run_id!r}"
-            elif seal is not None and external:
+            if seal is not None and external:
                 coverage = "external audit"
             elif seal is not None and "covers" not in seal:
-                coverage = "older run"
+                coverage = "older run"  # read as before covers existed
             elif seal is not None:
                 why = check_covers(seal["covers"], manifest, Path(run_dir) if run_dir is not None else p.parent)
+                if why is None and m_run is not None and m_run != header.run_id:
+                    why = (f"manifest.run_id {str(m_run)[:40]!r} differs from the ledger header's "
+                           f"{header.run_id!r}")
                 coverage = "covered"
         if why is not None:
             return result("tampered", why)

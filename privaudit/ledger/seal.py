@@ -12,7 +12,7 @@ The seal also *covers* what a reader trusts from the run directory besides the l
 (:func:`seal_covers`): a SHA-256 of the canonical JSON of each manifest field in
 :data:`COVERED_MANIFEST_FIELDS` (the config — σ, canary seed, target ε, model name —, the plan, the
 data fingerprints, the base model's fingerprint, the privacy and metrics sections) and of the bytes of
-``audit_key.json`` when the run has one. The covers are part of the hash-chained seal line and of
+the run's audit key and adapter files (:data:`COVERED_RUN_FILES`) when the run has them. The covers are part of the hash-chained seal line and of
 what a signature signs, so an edited config is detected like an edited ledger line: always when the
 seal is left as it was, and with a public key also when the attacker re-hashes the seal. Seals
 written before covers existed have none; readers say the manifest is "not covered by the seal
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from privaudit.canonical import canonical_json
-from privaudit.safe_read import MAX_JSON_BYTES, read_bounded
+from privaudit.safe_read import check_run_file
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 __all__ = ["generate_keypair", "load_signing_key", "load_public_key", "key_id", "signed_payload",
            "sign_seal", "check_signature", "PublicKeyLike", "SigningKeyLike", "COVERED_MANIFEST_FIELDS",
-           "AUDIT_KEY_COVER", "seal_covers", "check_covers", "validate_covers"]
+           "COVERED_RUN_FILES", "seal_covers", "check_covers", "validate_covers"]
 
 MAX_KEY_FILE_BYTES = 16 * 1024
 
@@ -48,8 +48,11 @@ MAX_KEY_FILE_BYTES = 16 * 1024
 #: the seal and are not covered; ``run_id`` is compared with the ledger header instead).
 COVERED_MANIFEST_FIELDS = ("mechanism", "task", "base_model", "observer", "config", "base_model_fingerprint",
                            "plan", "data", "privacy", "metrics")
-#: The cover naming the run's audit key (its file's bytes).
-AUDIT_KEY_COVER = "audit_key.json"
+#: Run-directory files a seal covers (by their bytes) when the run has them: the auditor's secret and
+#: the released adapter with its initialisation (what an audit scores).
+COVERED_RUN_FILES = ("audit_key.json", "adapter.safetensors", "adapter_init.safetensors")
+#: Largest covered file hashed, in bytes (streamed; a LoRA adapter is far smaller).
+MAX_COVERED_FILE_BYTES = 16 * 1024**3
 _MAX_COVERS = 64
 
 PublicKeyLike = Union[Ed25519PublicKey, str, os.PathLike, None]
@@ -168,23 +171,46 @@ def _json_digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(plain).encode("utf-8")).hexdigest()
 
 
-def _audit_key_digest(run_dir: Path) -> str | None:
-    """SHA-256 of ``run_dir/audit_key.json``'s bytes (bounded read, inside the run directory), None if absent."""
-    path = run_dir / AUDIT_KEY_COVER
+def _file_digest(run_dir: Path, name: str) -> str | None:
+    """SHA-256 of ``run_dir/name``'s bytes, None if absent. Streamed; the file must be a regular file
+    inside the run directory (no symlink out of it, no device) of at most ``MAX_COVERED_FILE_BYTES``."""
+    import stat
+
+    path = run_dir / name
     if not path.exists() and not path.is_symlink():
         return None
-    return hashlib.sha256(read_bounded(path, "audit_key", MAX_JSON_BYTES, root=run_dir)).hexdigest()
+    check_run_file(path, run_dir, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ValueError(f"{name}: {path} cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{name}: {path} is not a regular file; refused")
+        if st.st_size > MAX_COVERED_FILE_BYTES:
+            raise ValueError(f"{name}: {path} is larger than {MAX_COVERED_FILE_BYTES} bytes")
+        h = hashlib.sha256()
+        total = 0
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+            if total > MAX_COVERED_FILE_BYTES:
+                raise ValueError(f"{name}: {path} is larger than {MAX_COVERED_FILE_BYTES} bytes")
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def seal_covers(manifest: dict[str, Any], run_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """What a run's seal covers: ``{"manifest.<field>": sha256, ..., "audit_key.json": sha256}`` for the
-    fields of :data:`COVERED_MANIFEST_FIELDS` present in ``manifest`` and the audit key in ``run_dir``
-    (when there is one). Call it with the manifest exactly as it is written to disk."""
+    """What a run's seal covers: ``{"manifest.<field>": sha256, ..., "audit_key.json": sha256, ...}`` for
+    the fields of :data:`COVERED_MANIFEST_FIELDS` present in ``manifest`` and the files of
+    :data:`COVERED_RUN_FILES` present in ``run_dir``. Call it with the manifest exactly as it is
+    written to disk, after the covered files are written."""
     covers = {f"manifest.{k}": _json_digest(manifest[k]) for k in COVERED_MANIFEST_FIELDS if k in manifest}
     if run_dir is not None:
-        d = _audit_key_digest(Path(run_dir))
-        if d is not None:
-            covers[AUDIT_KEY_COVER] = d
+        for name in COVERED_RUN_FILES:
+            d = _file_digest(Path(run_dir), name)
+            if d is not None:
+                covers[name] = d
     return covers
 
 
@@ -213,17 +239,17 @@ def check_covers(covers: dict[str, str], manifest: dict[str, Any], run_dir: str 
                 actual = None
             if actual != digest:
                 return f"{name} does not match the ledger seal (the manifest was edited after the run)"
-        elif name == AUDIT_KEY_COVER:
+        elif name in COVERED_RUN_FILES:
             if run_dir is None:
                 continue
             try:
-                actual = _audit_key_digest(Path(run_dir))
+                actual = _file_digest(Path(run_dir), name)
             except ValueError as exc:
-                return f"{AUDIT_KEY_COVER} cannot be checked against the ledger seal ({exc})"
+                return f"{name} cannot be checked against the ledger seal ({exc})"
             if actual is None:
-                return f"{AUDIT_KEY_COVER} is missing, but the ledger seal covers it"
+                return f"{name} is missing, but the ledger seal covers it"
             if actual != digest:
-                return f"{AUDIT_KEY_COVER} does not match the ledger seal (the audit key was edited after the run)"
+                return f"{name} does not match the ledger seal (the file was replaced or edited after the run)"
         else:
             return f"seal.covers names {name[:60]!r}, which this version of privaudit does not know"
     return None

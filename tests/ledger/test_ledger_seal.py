@@ -452,8 +452,8 @@ def test_untouched_run_verifies_and_says_the_manifest_is_covered(signed_run: tup
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     rd, pub = signed_run
     seal = read_ledger(rd / "ledger.jsonl").seal
-    assert seal is not None and {"manifest.config", "manifest.privacy", "manifest.data",
-                                 "audit_key.json"} <= set(seal["covers"])
+    assert seal is not None and {"manifest.config", "manifest.privacy", "manifest.data", "audit_key.json",
+                                 "adapter.safetensors", "adapter_init.safetensors"} <= set(seal["covers"])
     rc, out, err = invoke(capsys, "ledger", "verify", str(rd), "--public-key", str(pub))
     assert rc == 0 and "manifest covered by the seal" in out and "signature verified" in out, err
     rc, out, err = invoke(capsys, "epsilon", "--ledger", str(rd), "--accountant", "rdp")
@@ -483,9 +483,14 @@ def test_manifest_edit_after_the_seal_is_refused_by_every_reader(signed_run: tup
     assert all(a.recomputed is None for a in rec.accounted)
 
 
-def test_audit_key_edit_after_the_seal_is_refused(signed_run: tuple[Path, Path], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_key_or_adapter_replaced_after_the_seal_is_refused(signed_run: tuple[Path, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     src, _ = signed_run
+    rd = tmp_path / "adapter"
+    shutil.copytree(src, rd)  # the trained adapter swapped for its untrained initialisation
+    shutil.copyfile(rd / "adapter_init.safetensors", rd / "adapter.safetensors")
+    rc, _, err = invoke(capsys, "audit", str(rd), "--quiet")
+    assert rc == 1 and "adapter.safetensors does not match the ledger seal" in err, err
     rd = tmp_path / "run"
     shutil.copytree(src, rd)
     key = json.loads((rd / "audit_key.json").read_text())
