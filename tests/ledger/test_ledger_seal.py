@@ -543,3 +543,51 @@ def test_old_seal_without_covers_still_reads_and_says_not_covered(signed_run: tu
     assert integ.ok and "older run" in integ.reason
     res = read_ledger(rd / "ledger.jsonl")  # the bare ledger: no manifest, nothing said about coverage
     assert res.verified and res.coverage is None
+
+
+def test_covers_without_training(tmp_path: Path) -> None:
+    """The covers' edge cases on a hand-made run directory: the manifest's run_id, an external audit's
+    manifest (which describes the audit, not the run), a cover this version does not know, malformed covers."""
+    from privaudit.ledger.seal import seal_covers
+
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "audit_key.json").write_text('{"k": 1}')
+    manifest: dict[str, Any] = {"config": {"privacy": {"noise_multiplier": 1.0}}, "data": {1: "int key"}}
+    with Ledger.create(rd / "ledger.jsonl", mechanism="dp_lora", target_delta=DELTA) as led:
+        led.append(GaussianEvent(noise_multiplier=1.0, sample_rate=0.01, count=3))
+        seal = led.seal(covers=seal_covers(manifest, rd))
+        run_id = led.header.run_id
+    manifest = json.loads(json.dumps({**manifest, "ledger_seal": seal, "ledger_head_hash": None,
+                                      "status": "complete", "run_id": run_id}))
+    manifest["ledger_head_hash"] = read_ledger(rd / "ledger.jsonl").head_hash
+    res = read_ledger(rd / "ledger.jsonl", manifest=manifest)  # as read back from disk (int keys → strings)
+    assert res.verified and res.coverage == "covered" and "manifest covered by the seal" in res.integrity
+    assert "not match" in read_ledger(rd / "ledger.jsonl", manifest={**manifest, "data": {"1": "x"}}).message
+    assert "manifest.run_id" in read_ledger(rd / "ledger.jsonl", manifest={**manifest, "run_id": "other"}).message
+    assert "manifest.config is missing" in read_ledger(
+        rd / "ledger.jsonl", manifest={k: v for k, v in manifest.items() if k != "config"}).message
+    external = {"kind": "external_audit", "run_id": "external-1", "status": "complete",
+                "ledger_seal": seal, "ledger_head_hash": manifest["ledger_head_hash"]}
+    res = read_ledger(rd / "ledger.jsonl", manifest=external)
+    assert res.verified and res.coverage == "external audit"
+    for covers, why in (({"manifest.config": "zz"}, "seal.covers.manifest.config"),
+                        ({"weights.bin": "0" * 64}, "does not know")):
+        path = tmp_path / f"l{len(why)}.jsonl"
+        with Ledger.create(path, target_delta=DELTA) as led:
+            if why.startswith("seal."):
+                with pytest.raises(ValueError, match=why):
+                    led.seal(covers=covers)
+            else:
+                s = led.seal(covers=covers)
+                res = read_ledger(path, manifest={"ledger_seal": s})
+                assert res.status == "tampered" and why in res.message
+    bad = tmp_path / "bad.jsonl"
+    make_ledger(bad)
+    rewrite(bad, lambda lines: None, reseal=True)
+    lines = [json.loads(x) for x in bad.read_text().splitlines()]
+    lines[-1]["seal"]["covers"] = {"manifest.config": "not hex"}
+    lines[-1]["hash"] = line_hash(lines[-1])
+    bad.write_text("".join(canonical_json(x) + "\n" for x in lines))
+    res = read_ledger(bad)
+    assert res.status == "tampered" and "seal.covers.manifest.config" in res.message
