@@ -878,6 +878,8 @@ def audit_run(
             claimed.append(entry)
         sound_lower = max((r.sound_bounds[delta].value for r in with_bounds if delta in r.sound_bounds), default=0.0)
         refutable = [r.name for r in with_bounds if r.power_refutes_accounted]
+        if top_bound is not None:
+            eps_lower["assumption_free"] = sound_lower  # the largest bound that decides a violation alone
         if top_bound is not None and family is not None:
             eps_lower["power_refutes_accounted"] = bool(refutable)
         refuting = [r.name for r in with_bounds

@@ -204,6 +204,8 @@ class RunRecord:
     epsilon_lower_power_attack: str | None = None
     verdict_reason: str | None = None
     named: bool = True  # False: the manifest names no run, the label is derived from the config
+    # perfect guesses on the audit's design would have rejected the accountant's own trade-off curve
+    power_refutes_accounted: bool = False
 
     # -- derived ------------------------------------------------------------------------------
     def accountant(self, name: str) -> AccountedEpsilon | None:
@@ -382,20 +384,32 @@ def _claim_status(c: Claim, lower: float | None, lower_delta: float | None,
 
 def _recheck(has_guarantee: bool | None, min_upper: float | None, acc_delta: float | None,
              lower: float | None, lower_delta: float | None, claims: Sequence[Claim],
-             power: float | None = None, bound_method: str | None = None) -> str | None:
-    """Independent verdict from the recomputed ε and the audit's lower bound. ``consistent`` needs a
-    computed bound (``bound_method`` not ``"none"``) and the audit's power (the largest ε_lower its
-    design could certify) at least the accounted ε; otherwise ``inconclusive``."""
+             power: float | None = None, bound_method: str | None = None, *,
+             assumption_free: float | None = None, accounted_refuted: bool = False,
+             power_refutes_accounted: bool = False) -> str | None:
+    """Independent verdict from the recomputed ε and the audit's lower bound, by the auditor's rules:
+    ``violation`` when the audit's test against the accountant's own trade-off curve rejected it
+    (``accounted_refuted``) or an assumption-free bound (``assumption_free``; ``lower`` itself for
+    audits that record none) exceeds the recomputed ε — a bound that assumes a Gaussian trade-off
+    curve alone above it is ``inconclusive``; ``consistent`` needs a computed bound (``bound_method``
+    not ``"none"``) and the power to have shown a violation: the largest ε_lower the design could
+    certify (``power``) at least the accounted ε, or perfect guesses that would have rejected the
+    accountant's curve (``power_refutes_accounted``); otherwise ``inconclusive``."""
     if lower is None:
         return None
     refuted = any(c.status.startswith("refuted") for c in claims)
     if has_guarantee is False:
         return "violation" if refuted else "no guarantee"
+    if accounted_refuted:
+        return "violation"
     if min_upper is None or acc_delta is None or lower_delta is None or acc_delta > lower_delta:
         return "violation" if refuted else None
-    if lower > min_upper or refuted:
+    sound = lower if assumption_free is None else assumption_free
+    if sound > min_upper or refuted:
         return "violation"
-    if bound_method == "none" or power is None or power < min_upper:
+    if lower > min_upper:
+        return "inconclusive"
+    if bound_method == "none" or ((power is None or power < min_upper) and not power_refutes_accounted):
         return "inconclusive"
     return "consistent"
 
@@ -594,8 +608,14 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
                          _claim_status(c, eps_lower, lower_delta, min_upper, delta))
                    for c in claims_unique)
     refused = None if integrity.ok or hg is False else integrity.reason
+    tradeoff = (audit.get("accounted") or {}).get("tradeoff_test") if isinstance(audit.get("accounted"), Mapping) \
+        else None
+    tradeoff = tradeoff if isinstance(tradeoff, Mapping) else {}
     recheck = None if refused else _recheck(hg, min_upper, delta, eps_lower, lower_delta, claims, power,
-                                            _str(el_top.get("method")))
+                                            _str(el_top.get("method")),
+                                            assumption_free=_num(el_top.get("assumption_free")),
+                                            accounted_refuted=tradeoff.get("refuted") is True,
+                                            power_refutes_accounted=el_top.get("power_refutes_accounted") is True)
     if verdict and recheck and verdict != recheck:
         warnings.append(f"audit.json verdict '{verdict}' differs from the report's re-check '{recheck}'")
 
@@ -649,6 +669,7 @@ def load_run_record(run_dir: str | Path, *, accountants: Sequence[str] = ACCOUNT
         config=dict(manifest["config"]) if isinstance(manifest.get("config"), Mapping) else {},
         epsilon_lower_power=power, epsilon_lower_power_attack=_str(el_top.get("power_attack")),
         verdict_reason=_str(audit.get("verdict_reason")), named=_str(manifest.get("name")) is not None,
+        power_refutes_accounted=el_top.get("power_refutes_accounted") is True,
     )
 
 

@@ -65,6 +65,9 @@ def verdict_explanation(r: RunRecord) -> str:
         return r.verdict_reason or "the audit could not test the accounted ε"
     if v == "consistent":
         p = f"; the audit could have certified up to {_eps(power)}" if power is not None else ""
+        if r.power_refutes_accounted and (power is None or eps is None or power < eps):
+            p = ("; its guesses could have rejected the accountant's own trade-off curve (the f-DP one-run "
+                 "test), and did not")
         return (f"the empirical lower bound {_eps(r.epsilon_lower or 0.0)} stays below the accounted "
                 f"ε = {_eps(eps) if eps is not None else '?'}{p}")
     return "no audit results (run `privaudit audit` on the run directory)"

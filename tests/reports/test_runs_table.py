@@ -163,6 +163,34 @@ def test_recheck_flags_a_violation_the_audit_missed(tmp_path: Path) -> None:
     assert any("differs from the report's re-check" in w for w in r.warnings)
 
 
+@pytest.mark.parametrize("top, extra, expected", [
+    # a Gaussian-assuming f-DP bound above the recomputed ε, no assumption-free one: not a proof
+    ({"value": 2.0, "assumption_free": 0.5, "power": 5.0}, {}, "inconclusive"),
+    # the assumption-free bound above it: a violation
+    ({"value": 2.0, "assumption_free": 1.5, "power": 5.0}, {}, "violation"),
+    # the test against the accountant's own curve rejected it, whatever the bounds' values
+    ({"value": 0.3, "assumption_free": 0.2, "power": 0.5}, {"tradeoff_test": {"refuted": True}}, "violation"),
+    # Steinke's power below ε, but perfect guesses would have rejected the accountant's curve
+    ({"value": 0.3, "assumption_free": 0.2, "power": 0.5, "power_refutes_accounted": True}, {}, "consistent"),
+    ({"value": 0.3, "assumption_free": 0.2, "power": 0.5, "power_refutes_accounted": False}, {}, "inconclusive"),
+])
+def test_recheck_follows_the_auditors_bound_rules(tmp_path: Path, top: dict, extra: dict, expected: str) -> None:
+    from privaudit.reports.summary import verdict_explanation
+
+    d = make_run(tmp_path, "r", mechanism="dp_lora", events=DP_STRONG_EVENTS,
+                 eps_fallback={"rdp": 1.0, "pld": 0.9, "prv": 0.9},
+                 audit={"accounted": {"delta": DELTA, "epsilon": {"pld": 0.9}, **extra}, "claimed": [],
+                        "attacks": [], "epsilon_lower": {"confidence": 0.95, "method": "one_run", **top},
+                        "verdict": expected})
+    with pytest.MonkeyPatch.context() as mp:
+        remove_accountants(mp)
+        r = load_run_record(d)
+    assert r.recheck == expected
+    assert not any("differs from the report's re-check" in w for w in r.warnings)
+    if top.get("power_refutes_accounted") and expected == "consistent":
+        assert "accountant's own trade-off curve" in verdict_explanation(r)
+
+
 def test_tampered_ledger_is_not_used(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     install_fake_accountants(monkeypatch)
     path = runs["dp-weak"] / "ledger.jsonl"
