@@ -293,7 +293,8 @@ def _lm_canary_attack(ctx: AuditContext) -> list[AttackScores]:
                          metrics={"design": a.lm_canary_design, "repeats": a.lm_canary_repeats,
                                   "secret_nll_mean_included": float(final[included].mean()) if included.any() else None,
                                   "secret_nll_mean_excluded": float(final[~included].mean()) if (~included).any()
-                                  else None},
+                                  else None,
+                                  "scores": {c.id: float(v) for c, v in zip(canaries, cs.scores)}},
                          note=note or "score = secret-token loss under θ₀ − under the released model")]
 
 def _canary_exposure_attack(ctx: AuditContext) -> list[AttackScores]:

@@ -99,7 +99,8 @@ def _run_config(study: LmCanaryStudy, design: str, point: PrivacyPoint) -> dict[
     return cfg
 
 
-def _group_row(attack: Any, k: int, accounted: float, delta: float, confidence: float, seed: int) -> dict[str, Any]:
+def _group_row(attack: Any, run_dir: Path, k: int, accounted: float, delta: float, confidence: float, seed: int
+               ) -> dict[str, Any]:
     """ε_lower of a k-record canary unit at δ_k against the group bound kε (see the module docstring)."""
     import numpy as np
 
@@ -107,17 +108,21 @@ def _group_row(attack: Any, k: int, accounted: float, delta: float, confidence: 
     from privaudit.data.lm_canaries import group_epsilon_bound
 
     eps_k, delta_k = group_epsilon_bound(accounted, delta, k)
-    row: dict[str, Any] = {"group_k": k, "group_epsilon": eps_k, "group_delta": delta_k}
-    a, b = attack.member_scores, attack.nonmember_scores
-    if delta_k >= 1.0 or a is None or b is None or not len(a) or not len(b):
+    row: dict[str, Any] = {"group_k": k, "group_epsilon": eps_k if math.isfinite(eps_k) else None,
+                           "group_delta": delta_k}
+    by_id = attack.metrics.get("scores") or {}
+    key = json.loads((run_dir / "audit_key.json").read_text(encoding="utf-8"))
+    members = set(key.get("member_canaries", []))
+    ids = sorted(by_id)
+    scores = np.array([by_id[i] for i in ids], dtype=float)
+    inc = np.array([i in members for i in ids], dtype=bool)
+    if delta_k >= 1.0 or inc.all() or not inc.any():
         row["group_epsilon_lower"] = None
         return row
-    scores = np.concatenate([a, b])
-    inc = np.concatenate([np.ones(len(a), bool), np.zeros(len(b), bool)])
     best = one_run_bounds_best(scores, inc, [delta_k], confidence, bounds=("one_run",), seed=seed)["one_run"][delta_k]
     row["group_epsilon_lower"] = best.value
     row["group_bound"] = "one_run_steinke (assumption-free)"
-    row["group_violation"] = bool(best.value > eps_k)
+    row["group_violation"] = bool(best.value > eps_k)  # never with no guarantee (eps_k = inf)
     return row
 
 
@@ -167,7 +172,7 @@ def run_study(study: LmCanaryStudy, out_dir: str | Path, progress: Callable[[str
                 "secret_nll_mean_excluded": m.get("secret_nll_mean_excluded"),
             }
             if cfg.audit.lm_canary_repeats > 1:
-                row.update(_group_row(att, cfg.audit.lm_canary_repeats,
+                row.update(_group_row(att, rd, cfg.audit.lm_canary_repeats,
                                       eps if eps is not None else math.inf, delta, study.confidence,
                                       study.audit_seed))
             rows.append(row)
