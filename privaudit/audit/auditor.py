@@ -20,6 +20,7 @@ add/remove neighbours at the level of the attacked unit:
 * ``lm_canary_membership`` — causal LMs: the loss on each canary's secret tokens only (Panda et al.
   2025), under θ₀ minus under the released model; the canary design is ``audit.lm_canary_design``
   (:mod:`privaudit.data.lm_canaries`); canaries repeated k > 1 times are k-record units: metrics only;
+  run by default when the design is not ``format`` (for ``format`` canaries: on request);
 * ``gradient_canaries_one_run`` — white-box: the run's gradient canaries scored from θ₀ and the final
   trainable weights (:func:`privaudit.mechanisms.training.score_gradient_canaries`).
 * ``gradient_canaries_every_step`` — white-box, an observer who sees every step: when the run kept
@@ -607,6 +608,8 @@ def _plan(run: "LoadedRun", data: "DataBundle", observer: str, reference_models:
                          "register one with privaudit.attacks.views.register_view_attack")
     if wanted is None:
         builtins = [n for n, why in available.items() if why is None]
+        if cfg.audit.lm_canary_design == "format":  # on request only: keeps the default audit's bounds as they were
+            builtins = [n for n in builtins if n != "lm_canary_membership"]
     else:
         builtins = []
         for name in wanted:

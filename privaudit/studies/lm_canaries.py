@@ -21,7 +21,7 @@ Study file (``privaudit study FILE -o DIR``)::
     confidence: 0.95
 
 Outputs: ``DIR/runs/<design>-<point>/`` (each run with its ``audit.json``), ``rows.jsonl`` (one row
-per run, written as soon as it is done) and ``study.json``.
+per run, written as soon as it is done) and ``study.json`` (rows and a per-design ``summary``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["LmCanaryStudy", "PrivacyPoint", "load_study", "run_study", "run_study_file"]
+__all__ = ["LmCanaryStudy", "PrivacyPoint", "load_study", "run_study", "run_study_file", "summarise"]
 
 
 class PrivacyPoint(BaseModel):
@@ -182,6 +182,16 @@ def run_study(study: LmCanaryStudy, out_dir: str | Path, progress: Callable[[str
     return rows
 
 
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{design: {point: {auc, epsilon_lower, bound, accounted_epsilon, ratio}}}`` (group rows add
+    ``group_epsilon_lower`` and ``group_epsilon``)."""
+    keys = ("auc", "epsilon_lower", "bound", "accounted_epsilon", "ratio", "group_epsilon_lower", "group_epsilon")
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["design"], {})[r["point"]] = {k: r[k] for k in keys if k in r}
+    return out
+
+
 def run_study_file(path: str | Path, out_dir: str | Path, progress: Callable[[str], None] | None = None
                    ) -> dict[str, Any]:
     """``privaudit study`` entry: read ``path``, run, write ``study.json`` into ``out_dir``."""
@@ -194,6 +204,7 @@ def run_study_file(path: str | Path, out_dir: str | Path, progress: Callable[[st
         raise ValueError(f"out_dir: {out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     rows = run_study(study, out, progress)
-    result = {"study": "lm_canaries", "config": study.model_dump(mode="json"), "rows": rows}
+    result = {"study": "lm_canaries", "config": study.model_dump(mode="json"), "rows": rows,
+              "summary": summarise(rows)}
     (out / "study.json").write_text(json.dumps(result, indent=1, allow_nan=False, default=str), encoding="utf-8")
     return {**result, "out_dir": str(out)}

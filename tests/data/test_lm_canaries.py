@@ -190,3 +190,26 @@ def test_a_non_private_run_with_repeated_new_token_canaries_is_caught(tmp_path: 
     assert att.metrics["auc"] >= 0.9
     assert att.metrics["secret_nll_mean_included"] < att.metrics["secret_nll_mean_excluded"]
     assert att.epsilon_lower is None and "group privacy" in (att.note or "")
+
+
+def test_the_study_file_is_dispatched_and_checked() -> None:
+    from privaudit.studies import study_mechanism
+    from privaudit.studies.lm_canaries import load_study, summarise
+
+    raw = {"study": "lm_canaries", "base": copy.deepcopy(BASE), "designs": ["new_token", "format"],
+           "privacy": [{"noise_multiplier": 0}, {"target_epsilon": 8}]}
+    assert study_mechanism(raw) == "lm_canaries"
+    st = load_study(raw)
+    assert [p.name for p in st.privacy] == ["nonprivate", "eps8"]
+    with pytest.raises(ValueError, match="^privacy"):
+        load_study({**raw, "privacy": [{"noise_multiplier": 1.0, "target_epsilon": 8}]})
+    with pytest.raises(ValueError, match="^designs"):
+        load_study({**raw, "designs": ["nope"]})
+    bad = copy.deepcopy(raw)
+    bad["base"]["task"] = "classification"
+    with pytest.raises(ValueError, match="^audit.lm_canary_design"):
+        load_study(bad)
+    rows = [{"design": "new_token", "point": "eps8", "auc": 0.7, "epsilon_lower": 1.0, "bound": "one_run_fdp",
+             "accounted_epsilon": 8.0, "ratio": 0.125}]
+    want = {k: rows[0][k] for k in ("auc", "epsilon_lower", "bound", "accounted_epsilon", "ratio")}
+    assert summarise(rows) == {"new_token": {"eps8": want}}
