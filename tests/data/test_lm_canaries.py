@@ -156,6 +156,10 @@ def test_config_refuses_lm_designs_outside_causal_lm() -> None:
     raw["audit"] = {"lm_canary_design": "new_token"}
     with pytest.raises(ValueError, match="^audit.lm_canary_design"):
         parse_config(raw)
+    raw["task"] = "causal_lm"
+    raw["data"]["synthetic"]["canary_inclusion"] = 0.3
+    with pytest.raises(ValueError, match="^data.synthetic.canary_inclusion"):
+        parse_config(raw)
     raw["audit"] = {"lm_canary_repeats": 0}
     with pytest.raises(ValueError, match="lm_canary_repeats"):
         parse_config(raw)
