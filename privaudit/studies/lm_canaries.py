@@ -126,6 +126,18 @@ def _group_row(attack: Any, run_dir: Path, k: int, accounted: float, delta: floa
     return row
 
 
+def _check_format_canaries_fit(cfg: Any) -> None:
+    """The corpus' format canaries keep their secret within ``model.max_length`` (else ``ValueError``
+    before any training; the other designs are checked when they are built)."""
+    from privaudit.data.lm_canaries import secret_token_span
+    from privaudit.mechanisms.training import prepare_data
+    from privaudit.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.name)
+    for c in prepare_data(cfg).corpus.canaries:
+        secret_token_span(tok, c.prefix, c.secret, c.suffix, cfg.model.max_length)
+
+
 def run_study(study: LmCanaryStudy, out_dir: str | Path, progress: Callable[[str], None] | None = None
               ) -> list[dict[str, Any]]:
     """Train and audit every (design, point); return the rows (also appended to ``rows.jsonl``)."""
@@ -142,6 +154,8 @@ def run_study(study: LmCanaryStudy, out_dir: str | Path, progress: Callable[[str
         for point in study.privacy:
             cfg = parse_config(_run_config(study, design, point))
             rd = out / "runs" / f"{design}-{point.name}"
+            if design == "format":
+                _check_format_canaries_fit(cfg)
             say(f"{design}, {point.name}: training")
             t0 = time.process_time()
             train(cfg, rd, progress=False)
