@@ -217,3 +217,33 @@ def test_the_study_file_is_dispatched_and_checked() -> None:
              "accounted_epsilon": 8.0, "ratio": 0.125}]
     want = {k: rows[0][k] for k in ("auc", "epsilon_lower", "bound", "accounted_epsilon", "ratio")}
     assert summarise(rows) == {"new_token": {"eps8": want}}
+
+
+@pytest.mark.slow
+def test_the_design_study_on_a_tiny_model(tmp_path: Path) -> None:
+    """The study end to end on a tiny LM: one row per design, repeated canaries compared with the
+    group bound (no guarantee without noise, so no group violation can be claimed)."""
+    import json
+
+    from privaudit.studies.lm_canaries import load_study, run_study
+
+    base = copy.deepcopy(BASE)
+    base.update({
+        "model": {**TINY, "max_length": 16},
+        "lora": {"rank": 4, "alpha": 8, "target_modules": ["c_attn", "lm_head"]},
+        "data": {"synthetic": {"n_people": 4, "records_per_person": 1, "n_canaries": 16}, "heldout_fraction": 0.5},
+        "training": {"epochs": 8, "batch_size": 8, "learning_rate": 0.05, "optimizer": "adam"},
+        "privacy": {"noise_seed": 1},
+        "audit": {"lm_canary_repeats": 3, "lm_canary_secret_tokens": 2},
+    })
+    study = load_study({"study": "lm_canaries", "base": base, "designs": ["new_token", "bigram"],
+                        "privacy": [{"noise_multiplier": 0}]})
+    rows = run_study(study, tmp_path)
+    assert [r["design"] for r in rows] == ["new_token", "bigram"]
+    assert [json.loads(x)["design"] for x in (tmp_path / "rows.jsonl").read_text().splitlines()] == ["new_token",
+                                                                                                    "bigram"]
+    for r in rows:
+        assert r["n_canaries"] == 16 and r["repeats"] == 3 and r["epsilon_lower"] is None  # metrics only
+        assert r["auc"] > 0.5 and r["group_k"] == 3 and r["group_epsilon"] is None  # σ = 0: no group bound
+        assert r["group_epsilon_lower"] is not None and r["group_epsilon_lower"] >= 0
+        assert r["group_violation"] is False
