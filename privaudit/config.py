@@ -252,6 +252,9 @@ class RunConfig(_Section):
             if self.data.source != "synthetic":
                 raise ValueError("audit.lm_canary_design: the LM canary designs and repeats need data.source "
                                  "synthetic (the canaries are generated with the corpus)")
+            if self.audit.lm_canary_design == "new_token" and self.mechanism in ("privtune", "pae_mobillm"):
+                raise ValueError(f"audit.lm_canary_design: new_token needs a mechanism that builds its model with "
+                                 f"the canary tokens (training.build_model); {self.mechanism} does not")
             if self.audit.lm_canary_design != "format" and self.data.synthetic.canary_inclusion != 0.5:
                 raise ValueError("data.synthetic.canary_inclusion: the LM canary designs include each canary by a "
                                  "fair coin (0.5)")

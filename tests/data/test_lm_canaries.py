@@ -157,6 +157,10 @@ def test_config_refuses_lm_designs_outside_causal_lm() -> None:
     with pytest.raises(ValueError, match="^audit.lm_canary_design"):
         parse_config(raw)
     raw["task"] = "causal_lm"
+    raw["mechanism"] = "pae_mobillm"
+    with pytest.raises(ValueError, match="^audit.lm_canary_design: new_token needs"):
+        parse_config(raw)
+    raw["mechanism"] = "dp_lora"
     raw["data"]["synthetic"]["canary_inclusion"] = 0.3
     with pytest.raises(ValueError, match="^data.synthetic.canary_inclusion"):
         parse_config(raw)
