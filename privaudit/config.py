@@ -207,6 +207,22 @@ class AuditSection(_Section):
     record_canary_steps: bool = Field(
         False, description="dp_lora: keep every step's noisy gradient sum projected on the gradient canaries "
                            "(canary_steps.safetensors) for a white-box auditor who sees every step")
+    lm_canary_design: Literal["format", "new_token", "rare_token", "bigram"] = Field(
+        "format", description="causal LM, synthetic data: the design of the data canaries "
+                              "(privaudit.data.lm_canaries): format = the corpus' PIN/SSN/phone/card canaries; "
+                              "new_token = a secret of tokens added to the tokenizer; rare_token = a secret of the "
+                              "rarest word tokens; bigram = a random pair of word tokens")
+    lm_canary_repeats: int = Field(
+        1, ge=1, le=64, description="copies of each included canary in the training data; > 1 makes a canary a "
+                                    "k-record unit: its audit tests group privacy of k records (metrics only "
+                                    "in the auditor's verdict)")
+    lm_canary_secret_tokens: int = Field(4, ge=1, le=64, description="secret length in tokens (new_token, "
+                                                                      "rare_token; bigram is always 2)")
+    lm_canary_prefix: Literal["random", "fixed"] = Field(
+        "random", description="random: each canary gets its own prefix of random words; fixed: one prefix for all")
+    lm_canary_seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="secret seed of the LM canaries' content and inclusion coins; "
+                                             "None: derived from data.synthetic.seed")
 
 
 class RunConfig(_Section):
@@ -236,6 +252,18 @@ class RunConfig(_Section):
         if self.training.lr_schedule != "constant" and self.mechanism not in _LR_SCHEDULED:
             raise ValueError(f"lr_schedule: {self.training.lr_schedule!r} is supported by "
                              f"{', '.join(sorted(_LR_SCHEDULED))} only ({self.mechanism} trains at a constant rate)")
+        if self.audit.lm_canary_design != "format" or self.audit.lm_canary_repeats > 1:
+            if self.task != "causal_lm":
+                raise ValueError("audit.lm_canary_design: the LM canary designs and repeats need task causal_lm")
+            if self.data.source != "synthetic":
+                raise ValueError("audit.lm_canary_design: the LM canary designs and repeats need data.source "
+                                 "synthetic (the canaries are generated with the corpus)")
+            if self.audit.lm_canary_design == "new_token" and self.mechanism in ("privtune", "pae_mobillm"):
+                raise ValueError(f"audit.lm_canary_design: new_token needs a mechanism that builds its model with "
+                                 f"the canary tokens (training.build_model); {self.mechanism} does not")
+            if self.audit.lm_canary_design != "format" and self.data.synthetic.canary_inclusion != 0.5:
+                raise ValueError("data.synthetic.canary_inclusion: the LM canary designs include each canary by a "
+                                 "fair coin (0.5)")
         return self
 
 

@@ -218,6 +218,12 @@ def _canary_records(ctx: AuditContext) -> tuple[list["Record"], NDArray[np.bool_
     return [c.to_record() for c in canaries], np.array([c.included for c in canaries], dtype=bool)
 
 def _one_run_ok(ctx: AuditContext) -> tuple[BoundMethod, str | None]:
+    k = int(getattr(ctx.run.config.audit, "lm_canary_repeats", 1))
+    if k > 1:
+        return "none", (f"each included canary is {k} records (audit.lm_canary_repeats): the audit tests group "
+                        f"privacy of {k}, not the per-record ε; metrics only, no one-run bound in the verdict")
+    if getattr(ctx.run.config.audit, "lm_canary_design", "format") != "format":
+        return "one_run", None  # LM canaries: fair coins from the audit's seed (privaudit.data.lm_canaries)
     p = ctx.settings.get("_canary_inclusion")
     if p is not None and abs(float(p) - 0.5) > 1e-12:
         return "none", f"canaries were included with probability {p}, not 1/2: metrics only, no one-run bound"
@@ -236,6 +242,60 @@ def _canary_membership_attack(ctx: AuditContext) -> list[AttackScores]:
     bound, note = _one_run_ok(ctx)
     return [AttackScores("canary_membership", "canary", cs.member_scores, cs.nonmember_scores, bound=bound,
                          note=note or "score = loss under θ₀ − loss under the released model")]
+
+def secret_nll(model: Any, tokenizer: Any, canaries: Sequence[Any], cfg: Any, device: "torch.device"
+               ) -> NDArray[np.float64]:
+    """Total next-token NLL (nats) of each canary's **secret tokens only**, given its prefix: the
+    text is tokenized exactly as in training (:func:`privaudit.models.encode_batch`) and only the
+    positions :func:`privaudit.data.lm_canaries.secret_token_span` names are summed (prefix and
+    suffix tokens are context, not scored)."""
+    import torch
+    import torch.nn.functional as F
+
+    from privaudit.data.lm_canaries import secret_token_span
+    from privaudit.models import encode_batch
+
+    spans = [secret_token_span(tokenizer, c.prefix, c.secret, c.suffix, cfg.model.max_length) for c in canaries]
+    out = np.empty(len(canaries))
+    bs = cfg.training.eval_batch_size
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(canaries), bs):
+            chunk = canaries[start:start + bs]
+            batch = encode_batch(tokenizer, [c.text for c in chunk], cfg.model.max_length, lm_labels=True,
+                                 device=device)
+            mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+            for row, (s, e) in enumerate(spans[start:start + bs]):
+                mask[row, s:e] = True
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                                  ignore_index=-100).view(labels.shape)
+            out[start:start + len(chunk)] = (nll * mask[:, 1:]).sum(dim=1).cpu().double().numpy()
+    return out
+
+def _lm_canary_attack(ctx: AuditContext) -> list[AttackScores]:
+    """Black-box LM canaries (Panda et al. 2025): score = secret-token NLL under θ₀ − under the
+    released model (higher = more likely included)."""
+    from privaudit.attacks.canaries import canary_membership_scores
+
+    run = ctx.run
+    device = next(run.model.parameters()).device
+    canaries = list(ctx.data.corpus.canaries)
+    included = np.array([c.included for c in canaries], dtype=bool)
+    ctx.log(f"LM canaries: secret-token loss of {len(canaries)} canaries")
+    final = secret_nll(run.model, run.tokenizer, canaries, run.config, device)
+    init = secret_nll(_initial_model(run), run.tokenizer, canaries, run.config, device)
+    cs = canary_membership_scores(final, included, reference_losses=init)
+    bound, note = _one_run_ok(ctx)
+    a = run.config.audit
+    return [AttackScores("lm_canary_membership", "canary", cs.member_scores, cs.nonmember_scores, bound=bound,
+                         metrics={"design": a.lm_canary_design, "repeats": a.lm_canary_repeats,
+                                  "secret_nll_mean_included": float(final[included].mean()) if included.any() else None,
+                                  "secret_nll_mean_excluded": float(final[~included].mean()) if (~included).any()
+                                  else None,
+                                  "scores": {c.id: float(v) for c, v in zip(canaries, cs.scores)}},
+                         note=note or "score = secret-token loss under θ₀ − under the released model")]
 
 def _canary_exposure_attack(ctx: AuditContext) -> list[AttackScores]:
     from privaudit.attacks.canaries import (

@@ -17,7 +17,11 @@ add/remove neighbours at the level of the attacked unit:
 * ``canary_membership`` — data canaries (included independently with probability ½), score =
   loss under θ₀ − loss under the released model;
 * ``canary_exposure`` — causal LMs: Secret Sharer exposure of each canary's secret among candidates
-  of its format (sampled when the space is larger than ``exposure_candidates``);
+  of its format (sampled when the space is larger than ``exposure_candidates``; format canaries only);
+* ``lm_canary_membership`` — causal LMs: the loss on each canary's secret tokens only (Panda et al.
+  2025), under θ₀ minus under the released model; the canary design is ``audit.lm_canary_design``
+  (:mod:`privaudit.data.lm_canaries`); canaries repeated k > 1 times are k-record units: metrics only;
+  run by default when the design is not ``format`` (for ``format`` canaries: on request);
 * ``gradient_canaries_one_run`` — white-box: the run's gradient canaries scored from θ₀ and the final
   trainable weights (:func:`privaudit.mechanisms.training.score_gradient_canaries`).
 * ``gradient_canaries_every_step`` — white-box, an observer who sees every step: when the run kept
@@ -76,6 +80,7 @@ from privaudit.attacks.released_model import (
     _canary_membership_attack,
     _derived_seed,
     _gradient_canary_attack,
+    _lm_canary_attack,
     _loss_attack,
     _reference_attacks,
 )
@@ -107,7 +112,7 @@ __all__ = [
 AUDIT_FILE = "audit.json"
 RELEASED_MODEL = "released model"
 BUILTIN_ATTACKS: tuple[str, ...] = (
-    "loss", "lira_online", "lira_offline", "rmia", "canary_membership", "canary_exposure",
+    "loss", "lira_online", "lira_offline", "rmia", "canary_membership", "canary_exposure", "lm_canary_membership",
     "gradient_canaries_one_run", "gradient_canaries_every_step",
 )
 
@@ -624,8 +629,13 @@ def _plan(run: "LoadedRun", data: "DataBundle", observer: str, reference_models:
         available["canary_membership"] = None if n_can >= 2 else "the run has fewer than 2 data canaries"
         if cfg.task != "causal_lm":
             available["canary_exposure"] = "applies to causal language models only"
+        elif cfg.audit.lm_canary_design != "format":
+            available["canary_exposure"] = "needs the format canaries (audit.lm_canary_design: format)"
         else:
             available["canary_exposure"] = None if n_can >= 1 else "the run has no data canaries"
+        available["lm_canary_membership"] = (
+            "applies to causal language models only" if cfg.task != "causal_lm"
+            else None if n_can >= 2 else "the run has fewer than 2 data canaries")
         available["gradient_canaries_one_run"] = None if gc else "the run has no gradient canaries"
         from privaudit.mechanisms.training import CANARY_STEPS_FILE
 
@@ -640,6 +650,8 @@ def _plan(run: "LoadedRun", data: "DataBundle", observer: str, reference_models:
                          "register one with privaudit.attacks.views.register_view_attack")
     if wanted is None:
         builtins = [n for n, why in available.items() if why is None]
+        if cfg.audit.lm_canary_design == "format":  # on request only: keeps the default audit's bounds as they were
+            builtins = [n for n in builtins if n != "lm_canary_membership"]
     else:
         builtins = []
         for name in wanted:
@@ -799,6 +811,7 @@ def audit_run(
         outcomes: list[AttackScores] = []
         simple = {"loss": _loss_attack, "canary_membership": _canary_membership_attack,
                   "canary_exposure": _canary_exposure_attack, "gradient_canaries_one_run": _gradient_canary_attack,
+                  "lm_canary_membership": _lm_canary_attack,
                   "gradient_canaries_every_step": _gradient_canary_every_step_attack}
         for name in builtins:
             if name in simple:

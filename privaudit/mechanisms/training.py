@@ -71,9 +71,13 @@ def prepare_data(cfg: RunConfig) -> DataBundle:
     d = cfg.data
     if d.source == "synthetic":
         s = d.synthetic
+        a = cfg.audit
+        lm_design = a.lm_canary_design != "format"
         corpus = generate_corpus(n_people=s.n_people, records_per_person=s.records_per_person,
-                                 n_canaries=s.n_canaries, canary_inclusion=s.canary_inclusion, seed=s.seed,
-                                 canary_formats=tuple(s.canary_formats))
+                                 n_canaries=0 if lm_design else s.n_canaries, canary_inclusion=s.canary_inclusion,
+                                 seed=s.seed, canary_formats=tuple(s.canary_formats))
+        if lm_design or a.lm_canary_repeats > 1:
+            corpus = _with_lm_canaries(cfg, corpus)
     else:
         if cfg.task == "classification" and d.label_column is None:
             raise ValueError("data.label_column: required for the classification task")
@@ -93,6 +97,37 @@ def prepare_data(cfg: RunConfig) -> DataBundle:
     return DataBundle(list(train), list(heldout), tuple(corpus.label_names), corpus)
 
 
+def lm_canary_seed(cfg: RunConfig) -> int:
+    """The LM canaries' secret seed: ``audit.lm_canary_seed``, else derived from the corpus seed."""
+    if cfg.audit.lm_canary_seed is not None:
+        return int(cfg.audit.lm_canary_seed)
+    return int(np.random.SeedSequence([cfg.data.synthetic.seed, 0x4C4D43]).generate_state(1, np.uint64)[0])
+
+
+def n_new_canary_tokens(cfg: RunConfig) -> int:
+    """Tokens the ``new_token`` design adds (one set per canary; 0 for other designs)."""
+    if cfg.task != "causal_lm" or cfg.audit.lm_canary_design != "new_token":
+        return 0
+    return cfg.data.synthetic.n_canaries * cfg.audit.lm_canary_secret_tokens
+
+
+def _with_lm_canaries(cfg: RunConfig, corpus: Corpus) -> Corpus:
+    """The corpus with the configured LM canary design and repeats (privaudit.data.lm_canaries)."""
+    from privaudit.data.lm_canaries import make_lm_canaries, new_token_strings, with_canaries
+    from privaudit.models import load_tokenizer
+
+    a, seed = cfg.audit, lm_canary_seed(cfg)
+    if a.lm_canary_design == "format":
+        return with_canaries(corpus, corpus.canaries, a.lm_canary_repeats, seed)
+    tok = load_tokenizer(cfg.model.name)
+    if a.lm_canary_design == "new_token":
+        tok.add_tokens(new_token_strings(n_new_canary_tokens(cfg)))  # the tokenizer build_model makes
+    canaries = make_lm_canaries(a.lm_canary_design, cfg.data.synthetic.n_canaries, tok, seed,
+                                secret_tokens=a.lm_canary_secret_tokens, prefix=a.lm_canary_prefix,
+                                first_person_id=cfg.data.synthetic.n_people, max_length=cfg.model.max_length)
+    return with_canaries(corpus, canaries, a.lm_canary_repeats, seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # model, losses, evaluation
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +137,11 @@ def build_model(cfg: RunConfig, num_labels: int, device: torch.device) -> tuple[
 
     model, tok = load_base_model(cfg.model.name, cfg.task, num_labels=num_labels, seed=cfg.training.seed,
                                  **cfg.model.overrides)
+    n_new = n_new_canary_tokens(cfg)
+    if n_new:  # new-token canaries: public, frozen random rows (privaudit.data.lm_canaries)
+        from privaudit.data.lm_canaries import add_new_tokens, new_token_strings
+
+        add_new_tokens(model, tok, new_token_strings(n_new), seed=cfg.training.seed)
     model = apply_lora(model, cfg.lora, seed=cfg.training.seed)
     return model.to(device), tok
 

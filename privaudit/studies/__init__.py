@@ -1,7 +1,8 @@
 """``privaudit study CONFIG -o DIR``: run a mechanism's study file, dispatched on its mechanism.
 
 A study file names its mechanism with a top-level ``mechanism:`` key or in its ``base`` run config;
-a file with a ``grid`` block and no mechanism is a PrivTune study (``examples/privtune_study.yaml``).
+a file with a ``grid`` block and no mechanism is a PrivTune study (``examples/privtune_study.yaml``);
+``study: lm_canaries`` compares language-model canary designs (:mod:`privaudit.studies.lm_canaries`).
 :data:`STUDIES` maps a mechanism to ``"module:function"``, called as ``function(path, out_dir, progress=...)``.
 
 PrivTune (:func:`run_privtune_study`): writes ``rows.jsonl`` (each grid point as soon as it is done),
@@ -19,6 +20,7 @@ from typing import Any, Callable
 STUDIES: dict[str, str] = {
     "privtune": "privaudit.studies:run_privtune_study",
     "lora_sketch": "privaudit.mechanisms.lora_sketch.mechanism:run_study_file",
+    "lm_canaries": "privaudit.studies.lm_canaries:run_study_file",
 }
 
 __all__ = ["STUDIES", "study_mechanism", "run_study_file", "run_privtune_study", "write_study_pdf"]
@@ -40,6 +42,8 @@ def study_mechanism(raw: dict[str, Any]) -> str:
     """The mechanism a study file is for (see the module docstring); ``ValueError`` if none."""
     base = raw.get("base") if isinstance(raw.get("base"), dict) else {}
     name = raw.get("mechanism") or base.get("mechanism")
+    if raw.get("study") == "lm_canaries":  # a study of canary designs, not of a mechanism
+        name = "lm_canaries"
     if name is None and "grid" in raw:
         name = "privtune"
     if name is None:
