@@ -85,6 +85,19 @@ def test_a_pickle_disguised_as_safetensors_is_not_executed(tiny_run: Path, tmp_p
     shutil.copytree(tiny_run, run)
     marker = tmp_path / "pwned"
     (run / "adapter.safetensors").write_bytes(malicious_pickle(marker))
+    # the seal covers the adapter's bytes: the swapped file is refused before it is parsed
+    with pytest.raises(ValueError, match="adapter.safetensors does not match the ledger seal"):
+        audit_run(run)
+    with pytest.raises(SystemExit) as code:
+        main(["audit", str(run), "--quiet"])
+    err = capsys.readouterr().err
+    assert code.value.code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not marker.exists()
+    # a run sealed before seals covered files (or a re-hashed seal, without a key): the safetensors
+    # parser itself refuses the pickle
+    from tests.ledger.test_ledger_seal import _reseal
+
+    _reseal(run, drop_covers=True)
     with pytest.raises(ValueError, match="^run_dir: .*not valid safetensors"):
         audit_run(run)
     with pytest.raises(SystemExit) as code:
