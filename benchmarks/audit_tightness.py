@@ -38,6 +38,11 @@ Settings (``--settings``):
   takes seconds, not minutes (``--full-model`` uses the demo's model: ~5 min per point on 2 cores);
 * ``full_batch`` — every record and canary in every step (q = 1, 10 steps, SGD): the mechanism is then
   exactly a composition of Gaussian mechanisms, the regime where the f-DP bound's assumption holds.
+* ``lm`` — the black-box audit of a causal LM with the strong LM canaries (Panda et al. 2025;
+  ``audit.lm_canary_design`` new_token, rare_token, bigram and the format baseline, one run per design,
+  attack ``lm_canary_membership``): the schedule of ``examples/lm_canary_study.yaml`` (200 canaries, 24
+  tokens, q = 0.15, 8 epochs, Adam), on a tiny GPT-2 (2 layers × 64) or, with ``--full-model``, on
+  SmolLM2-135M as in the study (≈ 2 min per run on 2 cores).
 
 Canaries: ``--canaries N``, ``--directions auto|dirac|gaussian`` (``audit.gradient_canary_directions``;
 dirac = one trainable coordinate each, orthogonal), ``--lora-rank R --lora-targets a,b`` to widen the
@@ -64,6 +69,10 @@ DESIGNS = {"gradient_final": "gradient_canaries_one_run", "gradient_every_step":
            "data_canaries": "canary_membership"}
 BOUNDS = ("one_run_steinke", "one_run_fdp", "one_run_fdp_accounted")
 IDEAL = ("ideal_every_step", "ideal_final")
+LM_DESIGNS = ("new_token", "rare_token", "bigram", "format")
+LM_ROWS = tuple(f"lm_{d}" for d in LM_DESIGNS)
+TINY_LM = {"name": "tiny-gpt2", "max_length": 24, "overrides": {"n_layer": 2, "n_embd": 64, "n_head": 2}}
+SETTINGS = ("demo", "full_batch", "lm")
 TINY_MODEL = {"name": "tiny-gpt2", "max_length": 24, "overrides": {"n_layer": 1, "n_embd": 64, "n_head": 2}}
 
 
@@ -119,6 +128,59 @@ def _ideal_rows(plan: dict[str, Any], m: int, family: Any, draws: int, seed: int
             for name, by_b in sums.items()}
 
 
+def _cell(res: Any, attack: str, eps: float) -> dict[str, Any]:
+    a = res.attack(attack)
+    cell: dict[str, Any] = {"auc": a.metrics.get("auc")}
+    for b in BOUNDS:
+        lb = a.by_bound.get(b)
+        cell[b] = None if lb is None else {"epsilon_lower": lb.value, "ratio": lb.value / eps, "mu": lb.mu,
+                                           "r": lb.r, "v": lb.v, "refuted": lb.refuted,
+                                           "noise_scale": lb.noise_scale}
+    cell["verdict"] = res.verdict
+    return cell
+
+
+def _lm_point(epsilon: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The ``lm`` setting at one ε: one run per LM canary design, each audited by its secret loss."""
+    import yaml
+
+    from privaudit.audit.auditor import audit_run
+    from privaudit.config import parse_config
+    from privaudit.runs import train
+
+    study = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "lm_canary_study.yaml").read_text())
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"setting": "lm", "target_epsilon": epsilon}
+    for design in LM_DESIGNS:
+        cfg = copy.deepcopy(study["base"])
+        if not args.full_model:
+            cfg["model"], cfg["lora"] = dict(TINY_LM), {"rank": 8, "alpha": 16}
+        cfg["audit"] = {**cfg.get("audit", {}), "lm_canary_design": design}
+        cfg["privacy"] = {**cfg["privacy"], "target_epsilon": float(epsilon), "noise_seed": args.seed}
+        run_dir = root / f"lm_{design}_eps{epsilon:g}"
+        train(parse_config(cfg), run_dir, progress=False)
+        res = audit_run(run_dir, attacks=["lm_canary_membership"], _write=False)
+        eps = res.accounted["epsilon"]["pld"]
+        row["accounted_epsilon"] = eps
+        row[f"lm_{design}"] = _cell(res, "lm_canary_membership", eps)
+        if args.ideal_draws > 0 and "ideal_final" not in row:  # the same schedule for every design
+            from privaudit.audit.accounted import accounted_family
+
+            m = res.attack("lm_canary_membership").metrics
+            family, _ = accounted_family(run_dir / "ledger.jsonl")
+            plan = json.loads((run_dir / "manifest.json").read_text())["plan"]
+            ideal = _ideal_rows(plan, int(m["n_members"]) + int(m["n_nonmembers"]), family, args.ideal_draws,
+                                args.seed)
+            for name, c in ideal.items():
+                for b in BOUNDS:
+                    if c.get(b):
+                        c[b]["ratio"] = c[b]["epsilon_lower"] / eps
+                row[name] = c
+        shutil.rmtree(run_dir, ignore_errors=True)
+    row["total_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
 def _point(setting: str, epsilon: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from privaudit.audit.auditor import audit_run
     from privaudit.config import parse_config
@@ -152,15 +214,7 @@ def _point(setting: str, epsilon: float, args: argparse.Namespace, root: Path) -
             continue
         eps = res.accounted["epsilon"]["pld"]
         row["accounted_epsilon"] = eps
-        a = res.attack(attack)
-        cell: dict[str, Any] = {"auc": a.metrics.get("auc")}
-        for b in BOUNDS:
-            lb = a.by_bound.get(b)
-            cell[b] = None if lb is None else {"epsilon_lower": lb.value, "ratio": lb.value / eps, "mu": lb.mu,
-                                               "r": lb.r, "v": lb.v, "refuted": lb.refuted,
-                                               "noise_scale": lb.noise_scale}
-        cell["verdict"] = res.verdict
-        row[design] = cell
+        row[design] = _cell(res, attack, eps)
     if args.ideal_draws > 0 and row.get("accounted_epsilon"):
         from privaudit.audit.accounted import accounted_family
 
@@ -183,7 +237,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             + "  verdict")
     lines = [head, "-" * len(head)]
     for r in rows:
-        for design in [*DESIGNS, *IDEAL]:
+        for design in [*DESIGNS, *IDEAL, *LM_ROWS]:
             if design not in r:
                 continue
             cell = r.get(design, {})
@@ -206,7 +260,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="ε = 4 only, smaller corpus, 1,000 gradient canaries")
     ap.add_argument("--epsilons", default=None, help="comma-separated target ε values (default 1,4,16)")
-    ap.add_argument("--settings", default="demo,full_batch", help="comma-separated: demo, full_batch")
+    ap.add_argument("--settings", default="demo,full_batch", help="comma-separated: demo, full_batch, lm")
     ap.add_argument("--full-model", action="store_true", help="the demo's MiniLM model (minutes per point)")
     ap.add_argument("--canaries", type=int, default=None, help="gradient canaries (default: the demo's)")
     ap.add_argument("--directions", default="auto", choices=("auto", "dirac", "gaussian"),
@@ -226,7 +280,7 @@ def main() -> int:
     except ValueError:
         print("--epsilons: must be comma-separated numbers", file=sys.stderr)
         return 2
-    bad = [s for s in settings if s not in ("demo", "full_batch")]
+    bad = [s for s in settings if s not in SETTINGS]
     if not (args.noise_factor > 0):
         print("--noise-factor: must be > 0", file=sys.stderr)
         return 2
@@ -237,7 +291,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="audit_tightness_") as tmp:
         for setting in settings:
             for eps in eps_list:
-                rows.append(_point(setting, eps, args, Path(tmp)))
+                rows.append(_lm_point(eps, args, Path(tmp)) if setting == "lm" else _point(setting, eps, args, Path(tmp)))
                 print(f"[{setting} ε={eps:g}] done in {rows[-1]['total_s']} s", file=sys.stderr, flush=True)
     print(_table(rows))
     if args.json:

@@ -571,13 +571,30 @@ class GradientCanaries:
         return int(sum(math.prod(s) for s in self.param_shapes))
 
     def coordinates(self) -> np.ndarray:
-        """Dirac canaries: canary i's coordinate j_i in the flattened trainable parameters — m distinct
-        coordinates drawn uniformly without replacement from the canary seed alone (int64, shape (m,))."""
+        """Dirac canaries: canary i's coordinate j_i in the flattened trainable parameters (int64, shape
+        (m,)) — m distinct coordinates drawn uniformly without replacement, from the canary seed and the
+        parameter names and shapes alone (data-independent): from the LoRA adapter matrices (names with
+        ``lora_``) when they hold at least m coordinates, else from all trainable coordinates.
+
+        Why the adapters first: a densely trained parameter (a classification head, a bias) receives a
+        data gradient of the same sign step after step, so a non-member canary on it drifts like a
+        member (measured, tiny GPT-2, every record in every step: head coordinates 3.5% of the
+        non-members, 27% of the false "in" guesses among the top 300, their summed projection 2.0× the
+        noise's spread), while adapter coordinates (B starts at 0, so A's data gradient starts at 0)
+        stay at the noise's spread (1.00×)."""
         if self.directions != "dirac":
             raise ValueError("directions: coordinates exist for dirac canaries only")
         if self._coords is None:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.seed), 0x64697261])))
-            self._coords = rng.choice(self.dim, size=self.count, replace=False).astype(np.int64)
+            sizes = np.array([math.prod(s) for s in self.param_shapes], dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            adapter = np.array(["lora_" in n for n in self.param_names], dtype=bool)
+            eligible = adapter if int(sizes[adapter].sum()) >= self.count else np.ones(len(sizes), dtype=bool)
+            seg_sizes, seg_starts = sizes[eligible], starts[eligible]
+            pos = rng.choice(int(seg_sizes.sum()), size=self.count, replace=False).astype(np.int64)
+            ends = np.cumsum(seg_sizes)
+            seg = np.searchsorted(ends, pos, side="right")
+            self._coords = seg_starts[seg] + pos - (ends[seg] - seg_sizes[seg])
         return self._coords
 
     def direction(self, index: int, norm: float = 1.0) -> torch.Tensor:

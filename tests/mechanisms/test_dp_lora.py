@@ -258,6 +258,19 @@ def test_dirac_canaries_are_orthogonal_and_clipped_by_the_records_rule() -> None
     assert dim == dirac.dim
 
 
+def test_dirac_coordinates_prefer_the_adapter_matrices() -> None:
+    names = ["m.lora_A.weight", "m.lora_B.weight", "classifier.weight", "classifier.bias"]
+    shapes = [[4, 50], [50, 4], [2, 50], [2]]
+    key = GradientCanaries(7, 300, names, shapes, 1.0, 0.1, directions="dirac")
+    c = key.coordinates()
+    assert len(set(c.tolist())) == 300 and c.min() >= 0 and c.max() < 400  # adapters: flat [0, 400)
+    assert (c < 200).sum() > 100 and (c >= 200).sum() > 100  # both adapter matrices, uniformly
+    more = GradientCanaries(7, 450, names, shapes, 1.0, 0.1, directions="dirac").coordinates()
+    assert len(set(more.tolist())) == 450 and more.max() < key.dim and (more >= 400).any()  # too many: all
+    again = GradientCanaries(7, 300, names, shapes, 1.0, 0.1, directions="dirac").coordinates()
+    assert np.array_equal(c, again)  # from the seed, names and shapes alone
+
+
 def test_canary_directions_auto_refusals_and_old_keys() -> None:
     from privaudit.mechanisms.training import resolve_canary_directions
 
