@@ -19,6 +19,14 @@ accountant's own trade-off curve of the run with its noise scaled by c: ε(δ) o
 scale, assuming the mechanism is the accounted schedule at some noise scale; ``R`` after it marks a
 rejection of the accountant's curve itself — a violation without assumption).
 
+Ceiling rows (``ideal_every_step``, ``ideal_final``): the same bounds on scores *simulated* for an
+ideal observer of the run's own schedule (its q, steps, σ and m; δ = 1e-5; same grid, same
+Bonferroni correction) whose canaries suffer no interference from data or from one another — every
+step: x_t = 1{sampled} + σ·N(0, 1) per step, scored by the exact likelihood ratio; final: the sum over
+steps (the final weights of plain SGD). No one-run audit of that schedule with m canaries can expect
+more than these rows (up to the draw: ``--ideal-draws`` averages several), so they say whether a gap
+to the accounted ε is the attack's or the schedule's.
+
 ``--noise-factor F`` plants a bug: the run adds F × the noise its ledger records (F < 1 leaks more
 than accounted), to see which bound catches it.
 
@@ -30,6 +38,15 @@ Settings (``--settings``):
   takes seconds, not minutes (``--full-model`` uses the demo's model: ~5 min per point on 2 cores);
 * ``full_batch`` — every record and canary in every step (q = 1, 10 steps, SGD): the mechanism is then
   exactly a composition of Gaussian mechanisms, the regime where the f-DP bound's assumption holds.
+* ``lm`` — the black-box audit of a causal LM with the strong LM canaries (Panda et al. 2025;
+  ``audit.lm_canary_design`` new_token, rare_token, bigram and the format baseline, one run per design,
+  attack ``lm_canary_membership``): the schedule of ``examples/lm_canary_study.yaml`` (200 canaries, 24
+  tokens, q = 0.15, 8 epochs, Adam), on a tiny GPT-2 (2 layers × 64) or, with ``--full-model``, on
+  SmolLM2-135M as in the study (≈ 2 min per run on 2 cores).
+
+Canaries: ``--canaries N``, ``--directions auto|dirac|gaussian`` (``audit.gradient_canary_directions``;
+dirac = one trainable coordinate each, orthogonal), ``--lora-rank R --lora-targets a,b`` to widen the
+trainable space (the demo trains 3,842 coordinates: LoRA rank 2 on two value projections + the head).
 
 ``--quick``: ε = 4 only, the demo's quick corpus and 1,000 gradient canaries. Timing is not the point
 here; the table is. Usage: ``python benchmarks/audit_tightness.py [--quick] [--epsilons 1,4,16]
@@ -51,11 +68,17 @@ from typing import Any
 DESIGNS = {"gradient_final": "gradient_canaries_one_run", "gradient_every_step": "gradient_canaries_every_step",
            "data_canaries": "canary_membership"}
 BOUNDS = ("one_run_steinke", "one_run_fdp", "one_run_fdp_accounted")
+IDEAL = ("ideal_every_step", "ideal_final")
+LM_DESIGNS = ("new_token", "rare_token", "bigram", "format")
+LM_ROWS = tuple(f"lm_{d}" for d in LM_DESIGNS)
+TINY_LM = {"name": "tiny-gpt2", "max_length": 24, "overrides": {"n_layer": 2, "n_embd": 64, "n_head": 2}}
+SETTINGS = ("demo", "full_batch", "lm")
 TINY_MODEL = {"name": "tiny-gpt2", "max_length": 24, "overrides": {"n_layer": 1, "n_embd": 64, "n_head": 2}}
 
 
 def _config(setting: str, epsilon: float, quick: bool, full_model: bool, seed: int,
-            canaries: int | None = None) -> dict[str, Any]:
+            canaries: int | None = None, directions: str = "auto", lora_rank: int | None = None,
+            lora_targets: list[str] | None = None) -> dict[str, Any]:
     from privaudit.demo import demo_config
 
     cfg = demo_config(quick=quick, noise_seed=seed)
@@ -69,7 +92,93 @@ def _config(setting: str, epsilon: float, quick: bool, full_model: bool, seed: i
     cfg["audit"] = {**cfg["audit"], "record_canary_steps": True, "gradient_canary_seed": seed + 1}
     if canaries is not None:
         cfg["audit"]["gradient_canaries"] = int(canaries)
+    cfg["audit"]["gradient_canary_directions"] = directions
+    if lora_rank is not None:
+        cfg["lora"] = {**cfg["lora"], "rank": int(lora_rank), "alpha": 2 * int(lora_rank)}
+    if lora_targets:
+        cfg["lora"] = {**cfg["lora"], "target_modules": list(lora_targets)}
     return cfg
+
+
+def _ideal_rows(plan: dict[str, Any], m: int, family: Any, draws: int, seed: int) -> dict[str, Any]:
+    """The ceiling rows (see the module docstring): each bound averaged over ``draws`` simulations."""
+    import math
+
+    import numpy as np
+
+    from privaudit.audit.bounds import one_run_bounds_best
+
+    q, steps, sigma = float(plan["sample_rate"]), int(plan["steps"]), float(plan["noise_multiplier"])
+    wanted = ("one_run", "one_run_fdp") + (("one_run_fdp_accounted",) if family is not None else ())
+    sums: dict[str, dict[str, list[float]]] = {"ideal_every_step": {}, "ideal_final": {}}
+    for k in range(draws):
+        rng = np.random.default_rng([seed, k, 0x1DEA1])
+        inc = rng.random(m) < 0.5
+        x = ((rng.random((steps, m)) < q) & inc[None, :]) + sigma * rng.standard_normal((steps, m))
+        every = (x.sum(0) if q >= 1.0 else
+                 np.logaddexp(math.log1p(-q), math.log(q) + (x - 0.5) / sigma**2).sum(0))
+        for name, scores in (("ideal_every_step", every), ("ideal_final", x.sum(0))):
+            out = one_run_bounds_best(scores, inc, [1e-5], 0.95, wanted, family=family)
+            for b, by_d in out.items():
+                sums[name].setdefault(b, []).append(by_d[1e-5].value)
+    rename = {"one_run": "one_run_steinke"}
+    return {name: {"auc": None, "draws": draws,
+                   **{rename.get(b, b): {"epsilon_lower": float(np.mean(v)), "min": float(np.min(v)),
+                                         "max": float(np.max(v))} for b, v in by_b.items()}}
+            for name, by_b in sums.items()}
+
+
+def _cell(res: Any, attack: str, eps: float) -> dict[str, Any]:
+    a = res.attack(attack)
+    cell: dict[str, Any] = {"auc": a.metrics.get("auc")}
+    for b in BOUNDS:
+        lb = a.by_bound.get(b)
+        cell[b] = None if lb is None else {"epsilon_lower": lb.value, "ratio": lb.value / eps, "mu": lb.mu,
+                                           "r": lb.r, "v": lb.v, "refuted": lb.refuted,
+                                           "noise_scale": lb.noise_scale}
+    cell["verdict"] = res.verdict
+    return cell
+
+
+def _lm_point(epsilon: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The ``lm`` setting at one ε: one run per LM canary design, each audited by its secret loss."""
+    import yaml
+
+    from privaudit.audit.auditor import audit_run
+    from privaudit.config import parse_config
+    from privaudit.runs import train
+
+    study = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "lm_canary_study.yaml").read_text())
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"setting": "lm", "target_epsilon": epsilon}
+    for design in LM_DESIGNS:
+        cfg = copy.deepcopy(study["base"])
+        if not args.full_model:
+            cfg["model"], cfg["lora"] = dict(TINY_LM), {"rank": 8, "alpha": 16}
+        cfg["audit"] = {**cfg.get("audit", {}), "lm_canary_design": design}
+        cfg["privacy"] = {**cfg["privacy"], "target_epsilon": float(epsilon), "noise_seed": args.seed}
+        run_dir = root / f"lm_{design}_eps{epsilon:g}"
+        train(parse_config(cfg), run_dir, progress=False)
+        res = audit_run(run_dir, attacks=["lm_canary_membership"], _write=False)
+        eps = res.accounted["epsilon"]["pld"]
+        row["accounted_epsilon"] = eps
+        row[f"lm_{design}"] = _cell(res, "lm_canary_membership", eps)
+        if args.ideal_draws > 0 and "ideal_final" not in row:  # the same schedule for every design
+            from privaudit.audit.accounted import accounted_family
+
+            m = res.attack("lm_canary_membership").metrics
+            family, _ = accounted_family(run_dir / "ledger.jsonl")
+            plan = json.loads((run_dir / "manifest.json").read_text())["plan"]
+            ideal = _ideal_rows(plan, int(m["n_members"]) + int(m["n_nonmembers"]), family, args.ideal_draws,
+                                args.seed)
+            for name, c in ideal.items():
+                for b in BOUNDS:
+                    if c.get(b):
+                        c[b]["ratio"] = c[b]["epsilon_lower"] / eps
+                row[name] = c
+        shutil.rmtree(run_dir, ignore_errors=True)
+    row["total_s"] = round(time.perf_counter() - t0, 1)
+    return row
 
 
 def _point(setting: str, epsilon: float, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -77,7 +186,8 @@ def _point(setting: str, epsilon: float, args: argparse.Namespace, root: Path) -
     from privaudit.config import parse_config
     from privaudit.runs import train
 
-    cfg = _config(setting, epsilon, args.quick, args.full_model, args.seed, args.canaries)
+    cfg = _config(setting, epsilon, args.quick, args.full_model, args.seed, args.canaries, args.directions,
+                  args.lora_rank, [t for t in (args.lora_targets or "").split(",") if t])
     run_dir = root / f"{setting}_eps{epsilon:g}"
     t0 = time.perf_counter()
     if args.noise_factor != 1.0:  # planted bug (see the module docstring)
@@ -104,15 +214,19 @@ def _point(setting: str, epsilon: float, args: argparse.Namespace, root: Path) -
             continue
         eps = res.accounted["epsilon"]["pld"]
         row["accounted_epsilon"] = eps
-        a = res.attack(attack)
-        cell: dict[str, Any] = {"auc": a.metrics.get("auc")}
-        for b in BOUNDS:
-            lb = a.by_bound.get(b)
-            cell[b] = None if lb is None else {"epsilon_lower": lb.value, "ratio": lb.value / eps, "mu": lb.mu,
-                                               "r": lb.r, "v": lb.v, "refuted": lb.refuted,
-                                               "noise_scale": lb.noise_scale}
-        cell["verdict"] = res.verdict
-        row[design] = cell
+        row[design] = _cell(res, attack, eps)
+    if args.ideal_draws > 0 and row.get("accounted_epsilon"):
+        from privaudit.audit.accounted import accounted_family
+
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        family, _ = accounted_family(run_dir / "ledger.jsonl")
+        ideal = _ideal_rows(manifest["plan"], int(cfg["audit"]["gradient_canaries"]), family, args.ideal_draws,
+                            args.seed)
+        for name, cell in ideal.items():
+            for b in BOUNDS:
+                if cell.get(b):
+                    cell[b]["ratio"] = cell[b]["epsilon_lower"] / row["accounted_epsilon"]
+            row[name] = cell
     row["total_s"] = round(time.perf_counter() - t0, 1)
     shutil.rmtree(run_dir, ignore_errors=True)
     return row
@@ -123,7 +237,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
             + "  verdict")
     lines = [head, "-" * len(head)]
     for r in rows:
-        for design in DESIGNS:
+        for design in [*DESIGNS, *IDEAL, *LM_ROWS]:
+            if design not in r:
+                continue
             cell = r.get(design, {})
             if "skipped" in cell:
                 lines.append(f"{r['setting']:<11} {r['target_epsilon']:>5g} {design:<20} skipped: {cell['skipped']}")
@@ -144,9 +260,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="ε = 4 only, smaller corpus, 1,000 gradient canaries")
     ap.add_argument("--epsilons", default=None, help="comma-separated target ε values (default 1,4,16)")
-    ap.add_argument("--settings", default="demo,full_batch", help="comma-separated: demo, full_batch")
+    ap.add_argument("--settings", default="demo,full_batch", help="comma-separated: demo, full_batch, lm")
     ap.add_argument("--full-model", action="store_true", help="the demo's MiniLM model (minutes per point)")
     ap.add_argument("--canaries", type=int, default=None, help="gradient canaries (default: the demo's)")
+    ap.add_argument("--directions", default="auto", choices=("auto", "dirac", "gaussian"),
+                    help="gradient canary directions (audit.gradient_canary_directions)")
+    ap.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: the demo's 2)")
+    ap.add_argument("--lora-targets", default=None, help="comma-separated LoRA target modules (default: the demo's)")
+    ap.add_argument("--ideal-draws", type=int, default=3,
+                    help="simulations averaged in the ideal-observer ceiling rows (0: no ceiling rows)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON after the table")
     ap.add_argument("--noise-factor", type=float, default=1.0,
@@ -158,7 +280,7 @@ def main() -> int:
     except ValueError:
         print("--epsilons: must be comma-separated numbers", file=sys.stderr)
         return 2
-    bad = [s for s in settings if s not in ("demo", "full_batch")]
+    bad = [s for s in settings if s not in SETTINGS]
     if not (args.noise_factor > 0):
         print("--noise-factor: must be > 0", file=sys.stderr)
         return 2
@@ -169,7 +291,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="audit_tightness_") as tmp:
         for setting in settings:
             for eps in eps_list:
-                rows.append(_point(setting, eps, args, Path(tmp)))
+                rows.append(_lm_point(eps, args, Path(tmp)) if setting == "lm" else _point(setting, eps, args, Path(tmp)))
                 print(f"[{setting} ε={eps:g}] done in {rows[-1]['total_s']} s", file=sys.stderr, flush=True)
     print(_table(rows))
     if args.json:

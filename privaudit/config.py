@@ -204,6 +204,10 @@ class AuditSection(_Section):
 
     gradient_canaries: int = Field(0, ge=0, le=100_000)
     gradient_canary_seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: drawn from OS entropy")
+    gradient_canary_directions: Literal["auto", "dirac", "gaussian"] = Field(
+        "auto", description="dirac: each canary its own trainable coordinate (mutually orthogonal; needs "
+                            "gradient_canaries <= trainable coordinates); gaussian: a seeded Gaussian direction "
+                            "each; auto: dirac when they fit, else gaussian")
     record_canary_steps: bool = Field(
         False, description="dp_lora: keep every step's noisy gradient sum projected on the gradient canaries "
                            "(canary_steps.safetensors) for a white-box auditor who sees every step")

@@ -23,7 +23,8 @@ add/remove neighbours at the level of the attacked unit:
   (:mod:`privaudit.data.lm_canaries`); canaries repeated k > 1 times are k-record units: metrics only;
   run by default when the design is not ``format`` (for ``format`` canaries: on request);
 * ``gradient_canaries_one_run`` — white-box: the run's gradient canaries scored from θ₀ and the final
-  trainable weights (:func:`privaudit.mechanisms.training.score_gradient_canaries`).
+  trainable weights (:func:`privaudit.mechanisms.training.score_gradient_canaries`); a Dirac canary's
+  unit direction is its own coordinate, a Gaussian one's its seeded direction (``directions`` in the key).
 * ``gradient_canaries_every_step`` — white-box, an observer who sees every step: when the run kept
   ``canary_steps.safetensors`` (``audit.record_canary_steps``), each canary scored by the likelihood
   ratio of its per-step projections (:func:`privaudit.mechanisms.training.every_step_canary_scores`).

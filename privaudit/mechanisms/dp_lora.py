@@ -52,6 +52,7 @@ from privaudit.mechanisms.training import (
     CanaryStepRecorder,
     Checkpointer,
     GradientCanaries,
+    resolve_canary_directions,
     ProgressFn,
     build_model,
     encode,
@@ -230,9 +231,11 @@ class DPLoraTrainer:
             seed = canary_seed if canary_seed is not None else (
                 cfg.audit.gradient_canary_seed if cfg.audit.gradient_canary_seed is not None
                 else fresh_seed() >> 65)
-            self.canaries = GradientCanaries(seed, m, self.param_names,
-                                             [list(p.shape) for _, p in self.params], plan.clip_norm,
-                                             plan.sample_rate)
+            shapes = [list(p.shape) for _, p in self.params]
+            kind = resolve_canary_directions(cfg.audit.gradient_canary_directions, m,
+                                             sum(math.prod(sh) for sh in shapes))
+            self.canaries = GradientCanaries(seed, m, self.param_names, shapes, plan.clip_norm,
+                                             plan.sample_rate, directions=kind)
         self.canary_recorder = (CanaryStepRecorder(self.canaries)
                                 if self.canaries is not None and cfg.audit.record_canary_steps else None)
         self.units: list[tuple[str, int]] = []

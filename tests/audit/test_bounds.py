@@ -267,6 +267,29 @@ def test_one_run_ties_are_not_broken_by_index() -> None:
     assert res.value == 0.0 and 60 < res.v < 140
 
 
+def test_default_grid_reaches_small_absolute_guess_counts_for_large_m() -> None:
+    """Fractions of m alone miss the few hundred confident guesses where the f-DP bound peaks for large
+    m: the grid adds r = 16, 32, … below 0.5% of m (and is unchanged for m ≤ 3,200)."""
+    small = default_one_run_grid(2000)
+    assert len(small) == 16 and min(kp + km for kp, km in small) == 10
+    big = default_one_run_grid(100_000)
+    rs = sorted({kp + km for kp, km in big})
+    assert rs[:6] == [16, 32, 64, 128, 256, 500] and rs[-1] == 100_000
+    assert (128, 0) in big and (64, 64) in big and len(big) == len(set(big)) == 2 * len(rs)
+    # on scores where only a few hundred canaries carry signal, the new points find it
+    rng = np.random.default_rng(4)
+    m = 100_000
+    inc = rng.random(m) < 0.5
+    scores = rng.normal(size=m)
+    strong = np.flatnonzero(inc)[:150]
+    scores[strong] += 8.0  # 150 members far above everyone: guessing the top 128 is (almost) always right
+    from privaudit.audit.bounds import one_run_fdp_audit_best
+
+    fine = one_run_fdp_audit_best(scores, inc, 1e-5, grid=big)  # (Steinke's bound is 0 here: m·δ = 1)
+    coarse = one_run_fdp_audit_best(scores, inc, 1e-5, grid=[p for p in big if sum(p) >= 500])
+    assert fine.k_plus + fine.k_minus < 500 and fine.value > coarse.value + 0.5
+
+
 def test_one_run_best_is_bonferroni_corrected() -> None:
     rng = np.random.default_rng(2)
     m = 2000

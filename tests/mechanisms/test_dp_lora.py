@@ -22,6 +22,7 @@ from privaudit.config import mechanism_names
 from privaudit.mechanisms.dp_lora import DPLoraTrainer, apply_noisy_update, fit
 from privaudit.mechanisms.training import (
     CANARY_STEPS_FILE,
+    GradientCanaries,
     build_model,
     canary_direction,
     every_step_canary_scores,
@@ -178,21 +179,27 @@ def test_fixed_batch_sampling_is_recorded_as_such(tmp_path: Path) -> None:
     assert [ev] == planned_events(cfg).events
 
 
-def test_gradient_canaries_are_detectable_and_rebuildable() -> None:
+@pytest.mark.parametrize("directions", ["dirac", "gaussian"])
+def test_gradient_canaries_are_detectable_and_rebuildable(directions: str) -> None:
     m = 40
     cfg = tiny(training={"steps": 14, "batch_size": None, "sample_rate": 0.5, "optimizer": "sgd",
                          "learning_rate": 0.5},
                privacy={"noise_multiplier": 0.3},
-               audit={"gradient_canaries": m, "gradient_canary_seed": 11})
+               audit={"gradient_canaries": m, "gradient_canary_seed": 11, "gradient_canary_directions": directions})
     data = prepare_data(cfg)
     res = fit(cfg, data.train, data.heldout)
     key = res.gradient_canaries
-    assert key is not None and key.count == m and key.seed == 11
+    assert key is not None and key.count == m and key.seed == 11 and key.directions == directions
     assert 5 < sum(key.included) < 35
     assert key.param_names == list(res.theta_0)
     js = json.loads(json.dumps(key.to_json()))
-    d0 = canary_direction(js["seed"], 3, key.dim, js["clip_norm"])
+    assert GradientCanaries.from_json(js).direction(3, 1.0).tolist() == key.direction(3, 1.0).tolist()
+    d0 = key.direction(3, js["clip_norm"])
     assert float(d0.norm()) == pytest.approx(cfg.privacy.clip_norm, rel=1e-5)
+    if directions == "gaussian":
+        assert torch.equal(d0, canary_direction(js["seed"], 3, key.dim, js["clip_norm"]))
+    else:  # one coordinate each, all distinct
+        assert int((d0 != 0).sum()) == 1 and len(set(key.coordinates().tolist())) == m
     scores = score_gradient_canaries(res.theta_0, trainable(res.model), js)
     inc = np.array(js["included"])
     # AUC of the score for membership
@@ -200,13 +207,15 @@ def test_gradient_canaries_are_detectable_and_rebuildable() -> None:
     assert auc > 0.95, (auc, scores)
 
 
-def test_canary_step_record_is_the_released_noisy_sum_projected_on_the_canaries() -> None:
+@pytest.mark.parametrize("directions", ["dirac", "gaussian"])
+def test_canary_step_record_is_the_released_noisy_sum_projected_on_the_canaries(directions: str) -> None:
     """With plain SGD, θ_T − θ₀ = −(lr/denominator)·Σ_t S_t, so the recorded per-step projections must
     add up to the final-model score times denominator/lr; off by default."""
     m, lr = 30, 0.5
     cfg = tiny(training={"steps": 5, "batch_size": None, "sample_rate": 0.5, "optimizer": "sgd", "learning_rate": lr},
                privacy={"noise_multiplier": 0.3},
-               audit={"gradient_canaries": m, "gradient_canary_seed": 5, "record_canary_steps": True})
+               audit={"gradient_canaries": m, "gradient_canary_seed": 5, "record_canary_steps": True,
+                      "gradient_canary_directions": directions})
     data = prepare_data(cfg)
     res = fit(cfg, data.train, data.heldout)
     proj = res.run_files[CANARY_STEPS_FILE]["projections"].double().numpy()
@@ -216,6 +225,77 @@ def test_canary_step_record_is_the_released_noisy_sum_projected_on_the_canaries(
     np.testing.assert_allclose(proj.sum(0), final * denominator / lr, rtol=1e-3, atol=1e-3)
     off = fit(tiny(audit={"gradient_canaries": 4, "gradient_canary_seed": 5}), data.train, data.heldout)
     assert off.run_files == {}
+
+
+def test_dirac_canaries_are_orthogonal_and_clipped_by_the_records_rule() -> None:
+    """Dirac canaries: the clipped sum of any chosen set projects to exactly C on each chosen canary and
+    0 on the others (no cross-talk); Gaussian directions of the same key leak into one another."""
+    shapes, names = [[40, 30], [30]], ["a", "b"]
+    dim = 40 * 30 + 30
+    dirac = GradientCanaries(3, 600, names, shapes, 2.0, 0.1, directions="dirac")
+    gauss = GradientCanaries(3, 600, names, shapes, 2.0, 0.1, directions="gaussian")
+    chosen = list(range(0, 600, 3))
+    total, n = dirac.clipped_sum(chosen, 2.0)
+    assert n == 200 and total is not None
+    proj = dirac.unit_projections(total).numpy()
+    mask = np.zeros(600, bool)
+    mask[chosen] = True
+    np.testing.assert_allclose(proj[mask], 2.0 * (1 - 1e-6 / 2000), rtol=1e-6)  # C / (1 + ε_clip/‖g‖)·‖g‖
+    assert np.all(proj[~mask] == 0.0)
+    gtotal, _ = gauss.clipped_sum(chosen, 2.0)
+    gproj = gauss.unit_projections(gtotal).numpy()
+    assert np.abs(gproj[~mask]).mean() > 0.1  # ≈ C·√(200/dim) = 0.68 of cross-talk
+    # the one clipping rule: a planted rule (no clipping) shows in the dirac sum as well
+    raw, _ = dirac.clipped_sum(chosen, 1e9)
+    assert float(dirac.unit_projections(raw)[0]) == pytest.approx(dirac.raw_norm, rel=1e-5)
+    # unclipped runs add the key's C itself
+    unclipped, _ = dirac.clipped_sum(chosen, None)
+    assert float(dirac.unit_projections(unclipped)[0]) == pytest.approx(2.0)
+    # the final-model score reads the canary's coordinate
+    theta0 = {"a": torch.zeros(40, 30), "b": torch.zeros(30)}
+    final = dirac.unflatten(-total)
+    np.testing.assert_allclose(score_gradient_canaries(theta0, final, dirac)[mask], proj[mask], rtol=1e-6)
+    assert dim == dirac.dim
+
+
+def test_dirac_coordinates_prefer_the_adapter_matrices() -> None:
+    names = ["m.lora_A.weight", "m.lora_B.weight", "classifier.weight", "classifier.bias"]
+    shapes = [[4, 50], [50, 4], [2, 50], [2]]
+    key = GradientCanaries(7, 300, names, shapes, 1.0, 0.1, directions="dirac")
+    c = key.coordinates()
+    assert len(set(c.tolist())) == 300 and c.min() >= 0 and c.max() < 400  # adapters: flat [0, 400)
+    assert (c < 200).sum() > 100 and (c >= 200).sum() > 100  # both adapter matrices, uniformly
+    more = GradientCanaries(7, 450, names, shapes, 1.0, 0.1, directions="dirac").coordinates()
+    assert len(set(more.tolist())) == 450 and more.max() < key.dim and (more >= 400).any()  # too many: all
+    again = GradientCanaries(7, 300, names, shapes, 1.0, 0.1, directions="dirac").coordinates()
+    assert np.array_equal(c, again)  # from the seed, names and shapes alone
+
+
+def test_canary_directions_auto_refusals_and_old_keys() -> None:
+    from privaudit.mechanisms.training import resolve_canary_directions
+
+    assert resolve_canary_directions("auto", 10, 10) == "dirac"
+    assert resolve_canary_directions("auto", 11, 10) == "gaussian"
+    assert resolve_canary_directions("gaussian", 11, 10) == "gaussian"
+    with pytest.raises(ValueError, match="^audit.gradient_canary_directions: dirac canaries need"):
+        resolve_canary_directions("dirac", 11, 10)
+    with pytest.raises(ValueError, match="^audit_key.gradient_canaries.directions:"):
+        GradientCanaries(1, 11, ["a"], [[10]], 1.0, 0.1, directions="dirac")
+    with pytest.raises(ValueError, match="^audit_key.gradient_canaries.directions:"):
+        GradientCanaries(1, 3, ["a"], [[10]], 1.0, 0.1, directions="sparse")
+    key = GradientCanaries(1, 3, ["a"], [[10]], 1.0, 0.1).to_json()
+    del key["directions"]  # a key written before directions existed
+    assert GradientCanaries.from_json(key).directions == "gaussian"
+    # a run whose canaries do not fit the trainable coordinates falls back to Gaussian directions
+    cfg = tiny(training={"steps": 1}, audit={"gradient_canaries": 5, "gradient_canary_seed": 1})
+    data = prepare_data(cfg)
+    dim = fit(cfg, data.train, data.heldout).gradient_canaries.dim
+    many = tiny(training={"steps": 1}, audit={"gradient_canaries": dim + 1, "gradient_canary_seed": 1})
+    assert fit(many, data.train, data.heldout).gradient_canaries.directions == "gaussian"
+    refused = tiny(training={"steps": 1}, audit={"gradient_canaries": dim + 1, "gradient_canary_seed": 1,
+                                                 "gradient_canary_directions": "dirac"})
+    with pytest.raises(ValueError, match="^audit.gradient_canary_directions:"):
+        fit(refused, data.train, data.heldout)
 
 
 def test_every_step_scores_separate_included_canaries() -> None:
