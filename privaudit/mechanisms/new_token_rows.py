@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NewTokenEmbedding", "NewTokenHead", "install_trainable_new_token_rows", "has_new_token_rows"]
+__all__ = ["NewTokenEmbedding", "NewTokenHead", "install_trainable_new_token_rows"]
 
 
 def _contiguous(ids: Sequence[int]) -> tuple[int, int]:
@@ -93,11 +93,6 @@ class NewTokenHead(nn.Module):
 def _hf_model(model: nn.Module) -> Any:
     get = getattr(model, "get_base_model", None)  # a PEFT wrapper: the transformers model inside
     return get() if callable(get) else model
-
-
-def has_new_token_rows(model: nn.Module) -> bool:
-    """True when ``model`` holds trainable new-token rows (:func:`install_trainable_new_token_rows`)."""
-    return any(isinstance(m, (NewTokenEmbedding, NewTokenHead)) for m in model.modules())
 
 
 def install_trainable_new_token_rows(model: nn.Module, ids: Sequence[int]) -> None:

@@ -168,7 +168,28 @@ def test_a_non_private_run_with_trainable_rows_separates_members(tmp_path: Path)
     cfg = cfg_with(data={"synthetic": {"n_people": 4, "records_per_person": 1, "n_canaries": 24}},
                    training={"epochs": 10, "batch_size": 8, "learning_rate": 0.05, "optimizer": "adam"},
                    privacy={"noise_multiplier": 0.0, "noise_seed": 1})
-    train(cfg, tmp_path / "run", progress=False)
-    att = audit_run(tmp_path / "run", attacks=["lm_canary_membership"], n_bootstrap=50).attack("lm_canary_membership")
+    rd = train(cfg, tmp_path / "run", progress=False).run_dir
+    att = audit_run(rd, attacks=["lm_canary_membership"], n_bootstrap=50).attack("lm_canary_membership")
     assert att.metrics["auc"] >= 0.9
     assert att.metrics["secret_nll_mean_included"] < att.metrics["secret_nll_mean_excluded"]
+    # without noise a non-member's input rows get no gradient at all (its tokens are in no record); a member's move
+    init, final = load_file(str(rd / "adapter_init.safetensors")), load_file(str(rd / "adapter.safetensors"))
+    name = next(k for k in final if k.endswith(ROWS) and ".lm_head." not in k)
+    first = prepare_data(cfg).corpus.canaries[0].fields["secret_token_ids"]
+    moved = (final[name] - init[name]).abs().sum(dim=0)  # per new token (columns of the (d, k) weight)
+    first_id = int(first.split()[0])
+    for c in prepare_data(cfg).corpus.canaries:
+        cols = [int(i) - first_id for i in c.fields["secret_token_ids"].split()]
+        assert bool((moved[cols] > 0).all()) if c.included else bool((moved[cols] == 0).all())
+
+
+def test_the_study_names_trained_rows_as_a_design() -> None:
+    from privaudit.studies.lm_canaries import _run_config, load_study
+
+    base = copy.deepcopy(BASE)
+    del base["audit"]["lm_canary_train_new_tokens"]
+    study = load_study({"study": "lm_canaries", "base": base, "designs": ["new_token", "new_token_trained", "bigram"],
+                        "privacy": [{"noise_multiplier": 0}]})
+    got = {d: parse_config(_run_config(study, d, study.privacy[0])).audit for d in study.designs}
+    assert [(a.lm_canary_design, a.lm_canary_train_new_tokens) for a in got.values()] == [
+        ("new_token", False), ("new_token", True), ("bigram", False)]
