@@ -224,6 +224,10 @@ class AuditSection(_Section):
                                                                       "rare_token; bigram is always 2)")
     lm_canary_prefix: Literal["random", "fixed"] = Field(
         "random", description="random: each canary gets its own prefix of random words; fixed: one prefix for all")
+    lm_canary_train_new_tokens: bool = Field(
+        False, description="new_token design, dp_lora: train the new tokens' input and output rows (untied, "
+                           "exact per-sample clipping, privaudit.mechanisms.new_token_rows) besides LoRA; "
+                           "False: the rows stay frozen at their public random values")
     lm_canary_seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="secret seed of the LM canaries' content and inclusion coins; "
                                              "None: derived from data.synthetic.seed")
@@ -268,6 +272,14 @@ class RunConfig(_Section):
             if self.audit.lm_canary_design != "format" and self.data.synthetic.canary_inclusion != 0.5:
                 raise ValueError("data.synthetic.canary_inclusion: the LM canary designs include each canary by a "
                                  "fair coin (0.5)")
+        if self.audit.lm_canary_train_new_tokens:
+            if self.task != "causal_lm" or self.audit.lm_canary_design != "new_token":
+                raise ValueError("audit.lm_canary_train_new_tokens: trains the rows of the new_token canaries' "
+                                 "tokens; needs task causal_lm and audit.lm_canary_design new_token")
+            if self.mechanism not in _TRAINS_NEW_TOKEN_ROWS:
+                raise ValueError(f"audit.lm_canary_train_new_tokens: supported by "
+                                 f"{', '.join(sorted(_TRAINS_NEW_TOKEN_ROWS))} only (per-sample clipping of the "
+                                 f"rows with the LoRA factors); {self.mechanism} does not train them")
         return self
 
 
@@ -275,6 +287,9 @@ class RunConfig(_Section):
 _NO_OPTIONS = frozenset({"dp_lora"})
 #: Mechanisms whose DP-SGD loop follows ``training.lr_schedule`` (the DPLoraTrainer loop).
 _LR_SCHEDULED = frozenset({"dp_lora", "lora_sketch"})
+#: Mechanisms that train the new-token canaries' rows (``audit.lm_canary_train_new_tokens``): the plain
+#: DP-SGD loop, whose per-sample clipping and noise cover every trainable parameter.
+_TRAINS_NEW_TOKEN_ROWS = frozenset({"dp_lora"})
 
 
 # ----------------------------------------------------------------------------------------------

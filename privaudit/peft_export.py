@@ -8,7 +8,8 @@ privaudit's LoRA *is* PEFT's (:func:`privaudit.models.apply_lora` wraps the base
 ``save_pretrained`` (safetensors only). It is the same release as ``adapter.safetensors`` (no new
 privacy cost). Not written when the model is not a PEFT model or trains parameters outside the LoRA
 factors (e.g. a classification head, which PEFT's adapter file would not carry): then the file would
-not reproduce the released model.
+not reproduce the released model; the run's manifest then says why in one line
+(``peft_export``, :func:`peft_export_refusal`).
 """
 
 from __future__ import annotations
@@ -16,23 +17,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PEFT_DIR", "write_peft_adapter"]
+__all__ = ["PEFT_DIR", "peft_export_refusal", "write_peft_adapter"]
 
 PEFT_DIR = "peft"
 
 
-def write_peft_adapter(model: Any, out_dir: str | Path, *, base_model: str) -> bool:
-    """Write ``model``'s LoRA adapter with PEFT's ``save_pretrained`` into ``out_dir``, naming
-    ``base_model`` as its base; True if written, False if the model cannot be written faithfully."""
+def peft_export_refusal(model: Any) -> str | None:
+    """Why ``model``'s release cannot be written as a PEFT adapter (one line), or None when it can:
+    not a PEFT model, or a trainable parameter outside the LoRA factors (a trained classification head,
+    the new-token canaries' rows of ``audit.lm_canary_train_new_tokens``) that PEFT's adapter file
+    would silently drop."""
     from peft import PeftModel
 
     from privaudit.models import _unwrap
 
     m = _unwrap(model)
     if not isinstance(m, PeftModel):
+        return "the model is not a PEFT model"
+    extra = next((n for n, p in m.named_parameters() if p.requires_grad and ".lora_" not in n), None)
+    if extra is not None:
+        return (f"trainable parameter {extra} is not a LoRA factor: a PEFT adapter would not carry it "
+                "(the release is adapter.safetensors)")
+    return None
+
+
+def write_peft_adapter(model: Any, out_dir: str | Path, *, base_model: str) -> bool:
+    """Write ``model``'s LoRA adapter with PEFT's ``save_pretrained`` into ``out_dir``, naming
+    ``base_model`` as its base; True if written, False if the model cannot be written faithfully
+    (:func:`peft_export_refusal` says why)."""
+    from privaudit.models import _unwrap
+
+    if peft_export_refusal(model) is not None:
         return False
-    if any(p.requires_grad and ".lora_" not in n for n, p in m.named_parameters()):
-        return False  # a trained head or other weights PEFT's adapter file does not hold
+    m = _unwrap(model)
     for cfg in m.peft_config.values():
         cfg.base_model_name_or_path = base_model
     import warnings

@@ -416,9 +416,10 @@ def _train_locked(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool,
                   str(rd / ADAPTER))
         save_file({k: v.contiguous() for k, v in result.theta_0.items()}, str(rd / ADAPTER_INIT))
         if released is None:  # the same adapter in PEFT's format (PeftModel.from_pretrained, external audits)
-            from privaudit.peft_export import PEFT_DIR, write_peft_adapter
+            from privaudit.peft_export import PEFT_DIR, peft_export_refusal, write_peft_adapter
 
-            write_peft_adapter(result.model, rd / PEFT_DIR, base_model=cfg.model.name)
+            if not write_peft_adapter(result.model, rd / PEFT_DIR, base_model=cfg.model.name):
+                manifest["peft_export"] = f"not written: {peft_export_refusal(result.model)}"
         for fname, content in (getattr(result, "run_files", None) or {}).items():  # e.g. the server's view
             if fname.endswith(".safetensors"):
                 save_file({k: v.contiguous() for k, v in content.items()}, str(rd / fname))

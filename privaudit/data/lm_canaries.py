@@ -15,6 +15,9 @@ only** (:func:`secret_token_span` gives their positions; the prefix and suffix a
   to each other): the adapter learns to steer the hidden state after a member's prefix towards that
   member's secret rows, under the same DP-SGD as every record; non-members' rows are never targets.
   Nothing private enters the frozen rows, so θ₀ (base + new rows + adapter init) is data-independent.
+  With ``audit.lm_canary_train_new_tokens`` (dp_lora) the rows are trained too, as in Panda et al.:
+  untied input and output rows, initialised from these public rows, with exact per-sample clipping
+  (``privaudit.mechanisms.new_token_rows``).
 * ``rare_token`` — the secret is ``secret_tokens`` tokens from the rare set: the :data:`RARE_POOL`
   word tokens with the highest ids (in a BPE vocabulary the last merges are the least frequent pairs;
   a proxy for frequency, no corpus counts are needed).
@@ -229,7 +232,8 @@ def add_new_tokens(model: Any, tokenizer: Any, strings: Sequence[str], seed: int
     """Add ``strings`` to ``tokenizer`` and resize ``model``'s embeddings; the new rows (input, and
     output when untied) are N(0, diag(s²)) with s the per-coordinate std of the existing rows, from a
     generator seeded by ``seed`` — public and data-independent. Returns the new ids. The rows are
-    left as they are (LoRA training keeps them frozen; see the module docstring)."""
+    left as they are (frozen under LoRA training unless ``audit.lm_canary_train_new_tokens``; see the
+    module docstring)."""
     import torch
 
     before = len(tokenizer)

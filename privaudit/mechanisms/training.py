@@ -145,17 +145,24 @@ def _with_lm_canaries(cfg: RunConfig, corpus: Corpus) -> Corpus:
 # model, losses, evaluation
 # ----------------------------------------------------------------------------------------------
 def build_model(cfg: RunConfig, num_labels: int, device: torch.device) -> tuple[nn.Module, Any]:
-    """Base model + LoRA adapter of ``cfg``, seeded by ``training.seed`` (θ₀ is a function of cfg)."""
+    """Base model + LoRA adapter of ``cfg``, seeded by ``training.seed`` (θ₀ is a function of cfg); with
+    ``audit.lm_canary_train_new_tokens`` the new-token canaries' rows are trainable layers too
+    (:mod:`privaudit.mechanisms.new_token_rows`)."""
     from privaudit.models import apply_lora, load_base_model
 
     model, tok = load_base_model(cfg.model.name, cfg.task, num_labels=num_labels, seed=cfg.training.seed,
                                  **cfg.model.overrides)
     n_new = n_new_canary_tokens(cfg)
-    if n_new:  # new-token canaries: public, frozen random rows (privaudit.data.lm_canaries)
+    new_ids: list[int] = []
+    if n_new:  # new-token canaries: public random rows (privaudit.data.lm_canaries), frozen unless trained
         from privaudit.data.lm_canaries import add_new_tokens, new_token_strings
 
-        add_new_tokens(model, tok, new_token_strings(n_new), seed=cfg.training.seed)
+        new_ids = add_new_tokens(model, tok, new_token_strings(n_new), seed=cfg.training.seed)
     model = apply_lora(model, cfg.lora, seed=cfg.training.seed)
+    if new_ids and cfg.audit.lm_canary_train_new_tokens:  # their rows as trainable layers (.new_token_rows)
+        from privaudit.mechanisms.new_token_rows import install_trainable_new_token_rows
+
+        install_trainable_new_token_rows(model, new_ids)
     return model.to(device), tok
 
 

@@ -1,9 +1,10 @@
 """Study: which language-model canary design gives the tightest black-box one-run audit of a causal LM.
 
 For every design in ``designs`` (:mod:`privaudit.data.lm_canaries`: ``format`` = the baseline,
-``new_token``, ``rare_token``, ``bigram``) and every privacy point (``noise_multiplier`` or
-``target_epsilon``), one run of ``base`` is trained (the same records, seeds and schedule; only the
-canaries differ) and audited with ``lm_canary_membership`` alone (the loss on the secret tokens,
+``new_token``, ``new_token_trained`` = ``new_token`` with the new tokens' rows trained
+(``audit.lm_canary_train_new_tokens``), ``rare_token``, ``bigram``) and every privacy point
+(``noise_multiplier`` or ``target_epsilon``), one run of ``base`` is trained (the same records, seeds
+and schedule; only the canaries differ) and audited with ``lm_canary_membership`` alone (the loss on the secret tokens,
 calibrated by θ₀; fair coins). A row reports the canary AUC, ε_lower (the larger valid one-run bound
 at the run's δ and the study's confidence, the bound named) and the accounted ε.
 
@@ -37,6 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 __all__ = ["LmCanaryStudy", "PrivacyPoint", "load_study", "run_study", "run_study_file", "summarise"]
 
 
+#: The study's name for ``new_token`` with ``audit.lm_canary_train_new_tokens`` (trained rows).
+TRAINED = "new_token_trained"
+
+
 class PrivacyPoint(BaseModel):
     """One privacy setting: exactly one of σ (0 = non-private) and a target ε (σ calibrated)."""
 
@@ -59,8 +64,8 @@ class LmCanaryStudy(BaseModel):
 
     study: Literal["lm_canaries"] = "lm_canaries"
     base: dict[str, Any]
-    designs: list[Literal["format", "new_token", "rare_token", "bigram"]] = Field(
-        default_factory=lambda: ["format", "new_token", "rare_token", "bigram"], min_length=1, max_length=4)
+    designs: list[Literal["format", "new_token", "new_token_trained", "rare_token", "bigram"]] = Field(
+        default_factory=lambda: ["format", "new_token", "rare_token", "bigram"], min_length=1, max_length=5)
     privacy: list[PrivacyPoint] = Field(
         default_factory=lambda: [PrivacyPoint(noise_multiplier=0.0), PrivacyPoint(target_epsilon=8.0)],
         min_length=1, max_length=8)
@@ -88,7 +93,9 @@ def load_study(raw: dict[str, Any]) -> LmCanaryStudy:
 
 def _run_config(study: LmCanaryStudy, design: str, point: PrivacyPoint) -> dict[str, Any]:
     cfg = copy.deepcopy(study.base)
-    cfg.setdefault("audit", {})["lm_canary_design"] = design
+    audit = cfg.setdefault("audit", {})
+    audit["lm_canary_design"] = "new_token" if design == TRAINED else design
+    audit["lm_canary_train_new_tokens"] = design == TRAINED
     priv = cfg.setdefault("privacy", {})
     priv.pop("noise_multiplier", None)
     priv.pop("target_epsilon", None)
