@@ -38,11 +38,14 @@ Settings (``--settings``):
   takes seconds, not minutes (``--full-model`` uses the demo's model: ~5 min per point on 2 cores);
 * ``full_batch`` — every record and canary in every step (q = 1, 10 steps, SGD): the mechanism is then
   exactly a composition of Gaussian mechanisms, the regime where the f-DP bound's assumption holds.
-* ``lm`` — the black-box audit of a causal LM with the strong LM canaries (Panda et al. 2025;
-  ``audit.lm_canary_design`` new_token, rare_token, bigram and the format baseline, one run per design,
-  attack ``lm_canary_membership``): the schedule of ``examples/lm_canary_study.yaml`` (200 canaries, 24
-  tokens, q = 0.15, 8 epochs, Adam), on a tiny GPT-2 (2 layers × 64) or, with ``--full-model``, on
-  SmolLM2-135M as in the study (≈ 2 min per run on 2 cores).
+* ``lm`` — the black-box audit of a causal LM with the strong LM canaries (Panda et al. 2025; the
+  designs of ``privaudit study``: new_token, new_token_trained (its rows trained under the same
+  DP-SGD), rare_token, bigram and the format baseline, one run per design, attack
+  ``lm_canary_membership``): the schedule of ``examples/lm_canary_study.yaml`` (200 canaries —
+  ``--lm-canaries N`` — 24 tokens, q = 0.15, 8 epochs, Adam) at learning rate 5e-5 (``--lm-lr``; the
+  study's sweep on another draw found trained rows certify nothing at 5e-3 and level off below 5e-5),
+  on a tiny GPT-2 (2 layers × 64) or, with ``--full-model``, on SmolLM2-135M (≈ 2 min per run per 200
+  canaries on 2 cores).
 
 Canaries: ``--canaries N``, ``--directions auto|dirac|gaussian`` (``audit.gradient_canary_directions``;
 dirac = one trainable coordinate each, orthogonal), ``--lora-rank R --lora-targets a,b`` to widen the
@@ -69,7 +72,7 @@ DESIGNS = {"gradient_final": "gradient_canaries_one_run", "gradient_every_step":
            "data_canaries": "canary_membership"}
 BOUNDS = ("one_run_steinke", "one_run_fdp", "one_run_fdp_accounted")
 IDEAL = ("ideal_every_step", "ideal_final")
-LM_DESIGNS = ("new_token", "rare_token", "bigram", "format")
+LM_DESIGNS = ("new_token_trained", "new_token", "rare_token", "bigram", "format")
 LM_ROWS = tuple(f"lm_{d}" for d in LM_DESIGNS)
 TINY_LM = {"name": "tiny-gpt2", "max_length": 24, "overrides": {"n_layer": 2, "n_embd": 64, "n_head": 2}}
 SETTINGS = ("demo", "full_batch", "lm")
@@ -147,16 +150,22 @@ def _lm_point(epsilon: float, args: argparse.Namespace, root: Path) -> dict[str,
     from privaudit.audit.auditor import audit_run
     from privaudit.config import parse_config
     from privaudit.runs import train
+    from privaudit.studies.lm_canaries import PrivacyPoint, load_study, run_config
 
-    study = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "lm_canary_study.yaml").read_text())
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "lm_canary_study.yaml").read_text())
+    base = raw["base"]
+    if not args.full_model:
+        base["model"], base["lora"] = dict(TINY_LM), {"rank": 8, "alpha": 16}
+    base["training"] = {**base["training"], "learning_rate": args.lm_lr}
+    base["data"]["synthetic"] = {**base["data"]["synthetic"], "n_canaries": args.lm_canaries}
+    base["privacy"] = {**base["privacy"], "noise_seed": args.seed}
+    base["audit"] = {**base.get("audit", {}), "lm_canary_seed": 1000 + args.seed}
+    designs = [d for d in (args.lm_designs or ",".join(LM_DESIGNS)).split(",") if d]
+    study = load_study({**raw, "designs": designs, "privacy": [{"target_epsilon": float(epsilon)}]})
     t0 = time.perf_counter()
     row: dict[str, Any] = {"setting": "lm", "target_epsilon": epsilon}
-    for design in LM_DESIGNS:
-        cfg = copy.deepcopy(study["base"])
-        if not args.full_model:
-            cfg["model"], cfg["lora"] = dict(TINY_LM), {"rank": 8, "alpha": 16}
-        cfg["audit"] = {**cfg.get("audit", {}), "lm_canary_design": design}
-        cfg["privacy"] = {**cfg["privacy"], "target_epsilon": float(epsilon), "noise_seed": args.seed}
+    for design in designs:
+        cfg = run_config(study, design, PrivacyPoint(target_epsilon=float(epsilon)))
         run_dir = root / f"lm_{design}_eps{epsilon:g}"
         train(parse_config(cfg), run_dir, progress=False)
         res = audit_run(run_dir, attacks=["lm_canary_membership"], _write=False)
@@ -269,6 +278,9 @@ def main() -> int:
     ap.add_argument("--lora-targets", default=None, help="comma-separated LoRA target modules (default: the demo's)")
     ap.add_argument("--ideal-draws", type=int, default=3,
                     help="simulations averaged in the ideal-observer ceiling rows (0: no ceiling rows)")
+    ap.add_argument("--lm-canaries", type=int, default=200, help="lm setting: LM canaries per run")
+    ap.add_argument("--lm-lr", type=float, default=5e-5, help="lm setting: Adam learning rate")
+    ap.add_argument("--lm-designs", default=None, help="lm setting: comma-separated designs (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON after the table")
     ap.add_argument("--noise-factor", type=float, default=1.0,

@@ -202,7 +202,7 @@ class PrivacySection(_Section):
 class AuditSection(_Section):
     """White-box gradient canaries for one-run audits (see ``privaudit.mechanisms.training``)."""
 
-    gradient_canaries: int = Field(0, ge=0, le=100_000)
+    gradient_canaries: int = Field(0, ge=0, le=1_000_000, description="≤ 100,000 with Gaussian directions")
     gradient_canary_seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: drawn from OS entropy")
     gradient_canary_directions: Literal["auto", "dirac", "gaussian"] = Field(
         "auto", description="dirac: each canary its own trainable coordinate (mutually orthogonal; needs "

@@ -277,17 +277,25 @@ class _Progress:
 
 
 def _gradient_canary_every_step_attack(ctx: AuditContext) -> list[AttackScores]:
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     from privaudit.mechanisms.training import (
         CANARY_STEPS_FILE,
         GradientCanaries,
         every_step_canary_scores,
     )
+    from privaudit.safe_read import read_bounded
 
     run = ctx.run
     key = GradientCanaries.from_json(run.audit_key["gradient_canaries"])  # type: ignore[index]
-    proj = load_file(str(run.run_dir / CANARY_STEPS_FILE)).get("projections")
+    steps = run.manifest.get("plan", {}).get("steps") if isinstance(run.manifest.get("plan"), dict) else None
+    steps = steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 1_000_000
+    limit = min(1 << 32, 4 * key.count * (steps + 1) + (1 << 20))  # float32 (steps, m) and a header
+    data = read_bounded(run.run_dir / CANARY_STEPS_FILE, "run_dir", limit, root=run.run_dir)
+    try:
+        proj = load(data).get("projections")
+    except Exception as exc:  # a damaged safetensors file: one line, not a traceback
+        raise ValueError(f"run_dir: {CANARY_STEPS_FILE} is not a readable safetensors file ({exc})") from None
     if proj is None or proj.ndim != 2 or proj.shape[1] != key.count or proj.shape[0] < 1:
         raise ValueError(f"run_dir: {CANARY_STEPS_FILE} must hold 'projections' of shape (steps, {key.count})")
     ctx.log(f"gradient canaries, every step: {key.count} canaries × {proj.shape[0]} steps")

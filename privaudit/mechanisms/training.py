@@ -527,18 +527,22 @@ def canary_direction(seed: int, index: int, dim: int, norm: float = 1.0) -> torc
 
 CANARY_RAW_NORM = 1000.0  # a gradient canary's norm before clipping, in units of C
 CANARY_DIRECTIONS = ("gaussian", "dirac")
+MAX_GAUSSIAN_CANARIES = 100_000  # each costs O(dim) per step to rebuild; Dirac canaries go to 1,000,000
 
 
 def resolve_canary_directions(requested: str, count: int, dim: int) -> str:
     """``audit.gradient_canary_directions`` for m = ``count`` canaries over ``dim`` trainable coordinates:
     ``auto`` → dirac when m ≤ dim, else gaussian; an explicit ``dirac`` with m > dim is refused."""
     if requested == "auto":
-        return "dirac" if count <= dim else "gaussian"
+        requested = "dirac" if count <= dim else "gaussian"
     if requested == "dirac" and count > dim:
         raise ValueError(f"audit.gradient_canary_directions: dirac canaries need one trainable coordinate "
                          f"each, but {count} canaries > {dim} trainable coordinates (use gaussian or fewer)")
     if requested not in CANARY_DIRECTIONS:
         raise ValueError(f"audit.gradient_canary_directions: must be auto, gaussian or dirac, got {requested!r}")
+    if requested == "gaussian" and count > MAX_GAUSSIAN_CANARIES:
+        raise ValueError(f"audit.gradient_canaries: at most {MAX_GAUSSIAN_CANARIES} with Gaussian directions "
+                         f"(got {count}; {dim} trainable coordinates); Dirac canaries need count <= coordinates")
     return requested
 
 
@@ -569,6 +573,9 @@ class GradientCanaries:
         if self.directions not in CANARY_DIRECTIONS:
             raise ValueError(f"audit_key.gradient_canaries.directions: must be one of {CANARY_DIRECTIONS}, "
                              f"got {self.directions!r}")
+        if self.directions == "gaussian" and self.count > MAX_GAUSSIAN_CANARIES:
+            raise ValueError(f"audit_key.gradient_canaries.count: at most {MAX_GAUSSIAN_CANARIES} Gaussian "
+                             f"canaries, got {self.count}")
         if self.directions == "dirac" and self.count > self.dim:
             raise ValueError(f"audit_key.gradient_canaries.directions: dirac canaries need count ({self.count}) "
                              f"<= the trainable coordinates ({self.dim})")

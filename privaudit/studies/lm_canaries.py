@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["LmCanaryStudy", "PrivacyPoint", "load_study", "run_study", "run_study_file", "summarise"]
+__all__ = ["LmCanaryStudy", "PrivacyPoint", "load_study", "run_config", "run_study", "run_study_file", "summarise"]
 
 
 #: The study's name for ``new_token`` with ``audit.lm_canary_train_new_tokens`` (trained rows).
@@ -87,11 +87,12 @@ def load_study(raw: dict[str, Any]) -> LmCanaryStudy:
             raise ValueError("privacy: each point needs exactly one of noise_multiplier and target_epsilon")
     for design in study.designs:
         for point in study.privacy:
-            parse_config(_run_config(study, design, point))
+            parse_config(run_config(study, design, point))
     return study
 
 
-def _run_config(study: LmCanaryStudy, design: str, point: PrivacyPoint) -> dict[str, Any]:
+def run_config(study: LmCanaryStudy, design: str, point: PrivacyPoint) -> dict[str, Any]:
+    """The run config of one (design, privacy point): the base with the design's audit fields and the point."""
     cfg = copy.deepcopy(study.base)
     audit = cfg.setdefault("audit", {})
     audit["lm_canary_design"] = "new_token" if design == TRAINED else design
@@ -159,7 +160,7 @@ def run_study(study: LmCanaryStudy, out_dir: str | Path, progress: Callable[[str
     rows: list[dict[str, Any]] = []
     for design in study.designs:
         for point in study.privacy:
-            cfg = parse_config(_run_config(study, design, point))
+            cfg = parse_config(run_config(study, design, point))
             rd = out / "runs" / f"{design}-{point.name}"
             if design == "format":
                 _check_format_canaries_fit(cfg)

@@ -242,6 +242,16 @@ def test_every_step_white_box_audit_uses_the_recorded_steps(tmp_path: Path) -> N
     assert res.verdict == "consistent" or "could certify at most" in res.verdict_reason
     assert 0 < res.epsilon_lower["value"] < res.accounted["compared"]["epsilon"]
     assert res.to_json()["epsilon_lower"]["bound"] in ("one_run_steinke", "one_run_fdp", "one_run_fdp_accounted")
+    # a damaged or oversized per-step record from someone else: one line naming the file, no traceback
+    steps_file = run / "canary_steps.safetensors"
+    good = steps_file.read_bytes()
+    steps_file.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="^run_dir: canary_steps.safetensors is not a readable safetensors file"):
+        audit_run(run, attacks=["gradient_canaries_every_step"], _write=False)
+    steps_file.write_bytes(good + b"\x00" * (4 * 500 * 21 + (1 << 20)))  # more than (steps + 1) × m floats
+    with pytest.raises(ValueError, match="more than the limit"):
+        audit_run(run, attacks=["gradient_canaries_every_step"], _write=False)
+    steps_file.write_bytes(good)
     (run / "canary_steps.safetensors").unlink()
     with pytest.raises(ValueError, match="^attacks: gradient_canaries_every_step cannot run"):
         audit_run(run, attacks=["gradient_canaries_every_step"], _write=False)

@@ -279,6 +279,12 @@ def test_canary_directions_auto_refusals_and_old_keys() -> None:
     assert resolve_canary_directions("gaussian", 11, 10) == "gaussian"
     with pytest.raises(ValueError, match="^audit.gradient_canary_directions: dirac canaries need"):
         resolve_canary_directions("dirac", 11, 10)
+    # up to 1,000,000 Dirac canaries; Gaussian ones (O(dim) per canary per step) stop at 100,000
+    assert resolve_canary_directions("auto", 1_000_000, 2_000_000) == "dirac"
+    with pytest.raises(ValueError, match="^audit.gradient_canaries: at most 100000 with Gaussian"):
+        resolve_canary_directions("auto", 200_000, 150_000)
+    with pytest.raises(ValueError, match="^audit_key.gradient_canaries.count: at most 100000"):
+        GradientCanaries(1, 100_001, ["a"], [[10]], 1.0, 0.1, directions="gaussian")
     with pytest.raises(ValueError, match="^audit_key.gradient_canaries.directions:"):
         GradientCanaries(1, 11, ["a"], [[10]], 1.0, 0.1, directions="dirac")
     with pytest.raises(ValueError, match="^audit_key.gradient_canaries.directions:"):

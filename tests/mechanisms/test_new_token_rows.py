@@ -184,12 +184,12 @@ def test_a_non_private_run_with_trainable_rows_separates_members(tmp_path: Path)
 
 
 def test_the_study_names_trained_rows_as_a_design() -> None:
-    from privaudit.studies.lm_canaries import _run_config, load_study
+    from privaudit.studies.lm_canaries import run_config, load_study
 
     base = copy.deepcopy(BASE)
     del base["audit"]["lm_canary_train_new_tokens"]
     study = load_study({"study": "lm_canaries", "base": base, "designs": ["new_token", "new_token_trained", "bigram"],
                         "privacy": [{"noise_multiplier": 0}]})
-    got = {d: parse_config(_run_config(study, d, study.privacy[0])).audit for d in study.designs}
+    got = {d: parse_config(run_config(study, d, study.privacy[0])).audit for d in study.designs}
     assert [(a.lm_canary_design, a.lm_canary_train_new_tokens) for a in got.values()] == [
         ("new_token", False), ("new_token", True), ("bigram", False)]
