@@ -573,6 +573,11 @@ class GradientCanaries:
         if self.directions not in CANARY_DIRECTIONS:
             raise ValueError(f"audit_key.gradient_canaries.directions: must be one of {CANARY_DIRECTIONS}, "
                              f"got {self.directions!r}")
+        if (len(self.param_shapes) != len(self.param_names)
+                or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for sh in self.param_shapes for d in sh)
+                or self.dim > 1 << 40):
+            raise ValueError("audit_key.gradient_canaries.param_shapes: must give one shape of non-negative "
+                             "integers per parameter name, at most 2^40 coordinates in all")
         if self.directions == "gaussian" and self.count > MAX_GAUSSIAN_CANARIES:
             raise ValueError(f"audit_key.gradient_canaries.count: at most {MAX_GAUSSIAN_CANARIES} Gaussian "
                              f"canaries, got {self.count}")
@@ -621,6 +626,9 @@ class GradientCanaries:
 
     def unit_projections(self, flat: torch.Tensor) -> torch.Tensor:
         """⟨flat, u_i/‖u_i‖⟩ for every canary i (float32, shape (m,)); ``flat`` on the CPU, shape (dim,)."""
+        if flat.numel() != self.dim:
+            raise ValueError(f"audit_key.gradient_canaries.param_shapes: {self.dim} coordinates, but the model's "
+                             f"parameters {self.param_names[:1]}… hold {flat.numel()}")
         if self.directions == "dirac":
             return flat[torch.from_numpy(self.coordinates())].to(torch.float32)
         return torch.stack([flat @ canary_direction(self.seed, i, self.dim, 1.0) for i in range(self.count)])

@@ -289,6 +289,12 @@ def test_canary_directions_auto_refusals_and_old_keys() -> None:
         GradientCanaries(1, 11, ["a"], [[10]], 1.0, 0.1, directions="dirac")
     with pytest.raises(ValueError, match="^audit_key.gradient_canaries.directions:"):
         GradientCanaries(1, 3, ["a"], [[10]], 1.0, 0.1, directions="sparse")
+    # shapes from someone else's key: checked before any coordinate is drawn or read
+    for shapes in ([[10], [3]], [[10**13, 10**13]], [[-1]], [[True]]):
+        with pytest.raises(ValueError, match="^audit_key.gradient_canaries.param_shapes:"):
+            GradientCanaries(1, 3, ["a"], shapes, 1.0, 0.1, directions="dirac")
+    with pytest.raises(ValueError, match="^audit_key.gradient_canaries.param_shapes: 10 coordinates"):
+        GradientCanaries(1, 3, ["a"], [[10]], 1.0, 0.1, directions="dirac").unit_projections(torch.zeros(12))
     key = GradientCanaries(1, 3, ["a"], [[10]], 1.0, 0.1).to_json()
     del key["directions"]  # a key written before directions existed
     assert GradientCanaries.from_json(key).directions == "gaussian"
